@@ -1,0 +1,83 @@
+#include "center_loss.h"
+
+#include <ATen/OpMathType.h>
+
+#include "common/checks.h"
+
+namespace facekernels {
+namespace {
+
+at::ScalarType accumulate_type(at::ScalarType dtype) {
+  return at::toOpMathType(dtype);
+}
+
+void group_by_label(const at::Tensor& labels, at::Tensor& sorted_labels, at::Tensor& members) {
+  auto [values, order] = labels.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  sorted_labels = values.contiguous();
+  members = order.contiguous();
+}
+
+}  // namespace
+
+CenterForward center_forward_setup(const at::Tensor& embeddings, const at::Tensor& labels,
+                                   const at::Tensor& centers, bool compute_update) {
+  constexpr const char* op = "center_loss";
+  check_defined_floating(op, "embeddings", embeddings);
+  check_defined_floating(op, "centers", centers);
+  check_dim(op, "embeddings", embeddings, 2);
+  TORCH_CHECK_VALUE(embeddings.size(0) > 0, op, ": embeddings must hold at least one row, got shape ",
+                    embeddings.sizes());
+  TORCH_CHECK_VALUE(centers.dim() == 2 && centers.size(1) == embeddings.size(1), op,
+                    ": centers must have shape [num_classes, ", embeddings.size(1),
+                    "] to match embeddings, got ", centers.sizes());
+  TORCH_CHECK_TYPE(centers.scalar_type() == embeddings.scalar_type(), op,
+                   ": centers and embeddings must share a dtype, got ", centers.scalar_type(),
+                   " and ", embeddings.scalar_type());
+  check_same_device(op, "centers", centers, embeddings);
+  check_same_device(op, "labels", labels, embeddings);
+  check_labels(op, labels, embeddings.size(0), centers.size(0));
+
+  CenterForward f;
+  f.embeddings = embeddings.contiguous();
+  f.centers = centers.contiguous();
+  group_by_label(labels, f.sorted_labels, f.members);
+  f.diff = at::empty_like(f.embeddings);
+  f.updated = compute_update ? at::empty_like(f.embeddings)
+                             : f.embeddings.new_empty({0, embeddings.size(1)});
+  f.partials = at::zeros({embeddings.size(0)},
+                         f.embeddings.options().dtype(accumulate_type(embeddings.scalar_type())));
+  return f;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> center_forward_finish(const CenterForward& f) {
+  const double n = static_cast<double>(f.embeddings.size(0));
+  at::Tensor loss = f.partials.sum().mul_(0.5 / n).to(f.embeddings.scalar_type());
+  return {loss, f.diff, f.updated};
+}
+
+CenterBackward center_backward_setup(const at::Tensor& grad_loss, const at::Tensor& diff,
+                                     const at::Tensor& labels, int64_t num_classes,
+                                     bool centers_grad) {
+  constexpr const char* op = "center_loss_backward";
+  check_defined_floating(op, "diff", diff);
+  check_dim(op, "diff", diff, 2);
+  TORCH_CHECK_VALUE(diff.size(0) > 0, op, ": diff must hold at least one row");
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must hold one value, got shape ",
+                    grad_loss.sizes());
+  check_same_device(op, "grad_loss", grad_loss, diff);
+  check_same_device(op, "labels", labels, diff);
+  check_labels(op, labels, diff.size(0), num_classes);
+
+  CenterBackward b;
+  b.diff = diff.contiguous();
+  group_by_label(labels, b.sorted_labels, b.members);
+  b.scale = grad_loss.reshape({1})
+                .to(accumulate_type(diff.scalar_type()))
+                .div(static_cast<double>(diff.size(0)));
+  b.grad_embeddings = at::empty_like(b.diff);
+  b.grad_centers = centers_grad ? at::zeros({num_classes, diff.size(1)}, b.diff.options())
+                                : b.diff.new_empty({0, diff.size(1)});
+  return b;
+}
+
+}  // namespace facekernels

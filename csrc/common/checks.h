@@ -1,0 +1,47 @@
+// Input checks shared by every op. Each message starts with the op's name and names the
+// argument, so an error raised deep inside a training step points at the culprit.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace facekernels {
+
+inline void check_defined_floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating-point tensor (float32, float64, bfloat16, float16), got ",
+                   t.scalar_type());
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ",
+                    t.sizes());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+                    " but embeddings are on ", ref.device());
+}
+
+// Labels: int64, shape [n], values in [0, num_classes). The range check reads the values,
+// which on a GPU costs one synchronization; it is what keeps a bad label from writing
+// outside the class table.
+inline void check_labels(const char* op, const at::Tensor& labels, int64_t n,
+                         int64_t num_classes) {
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == n, op,
+                    ": labels must have shape [", n, "] to match embeddings, got ",
+                    labels.sizes());
+  if (n == 0) {
+    return;
+  }
+  auto [lo, hi] = at::aminmax(labels);
+  const int64_t min = lo.item<int64_t>(), max = hi.item<int64_t>();
+  TORCH_CHECK_VALUE(min >= 0 && max < num_classes, op,
+                    ": labels must be int64 with values in [0, ", num_classes, "), got ",
+                    min < 0 ? "min " : "max ", min < 0 ? min : max);
+}
+
+}  // namespace facekernels

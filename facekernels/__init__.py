@@ -1,0 +1,9 @@
+"""facekernels: fused C++/CUDA kernels for face-recognition losses."""
+
+from facekernels._extension import build_info
+from facekernels.version import __version__
+from facekernels.ops import center_loss
+from facekernels.losses import CenterLoss
+from facekernels import reference
+
+__all__ = ["__version__", "build_info", "center_loss", "CenterLoss", "reference"]

@@ -1,0 +1,19 @@
+"""The digest of the C++/CUDA sources. setup.py embeds it in the build and the import
+compares it, so an extension left over from older sources is refused, not run."""
+
+import hashlib
+import os
+
+SOURCE_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
+
+
+def sources_digest(root):
+    paths = []
+    for folder, _, files in os.walk(root):
+        paths += [os.path.join(folder, f) for f in files if f.endswith(SOURCE_SUFFIXES)]
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(os.path.relpath(path, root).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()

@@ -1,0 +1,128 @@
+"""center_loss: Wen et al. 2016's center loss as one fused pass (facekernels::center_loss_*)."""
+
+import torch
+
+_OP = "center_loss"
+
+
+def _check(embeddings, labels, centers, alpha):
+    """Shape/dtype checks that need no data, shared by eager calls and the fake kernel.
+    The C++ kernels repeat them and also check the label values."""
+    for name, t in (("embeddings", embeddings), ("labels", labels), ("centers", centers)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not embeddings.is_floating_point():
+        raise TypeError(f"{_OP}: embeddings must be a floating-point tensor, got {embeddings.dtype}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"{_OP}: embeddings must be 2-D [N, D], got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"{_OP}: embeddings must hold at least one row, got shape {tuple(embeddings.shape)}")
+    if centers.dim() != 2 or centers.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"{_OP}: centers must have shape [num_classes, {embeddings.shape[1]}] to match "
+            f"embeddings, got {tuple(centers.shape)}"
+        )
+    if centers.dtype != embeddings.dtype:
+        raise TypeError(
+            f"{_OP}: centers and embeddings must share a dtype, got {centers.dtype} and "
+            f"{embeddings.dtype} (cast the embeddings, e.g. embeddings.float())"
+        )
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{_OP}: labels must be int64, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"{_OP}: labels must have shape [{embeddings.shape[0]}] to match embeddings, "
+            f"got {tuple(labels.shape)}"
+        )
+    for name, t in (("labels", labels), ("centers", centers)):
+        if t.device != embeddings.device:
+            raise ValueError(f"{_OP}: {name} is on {t.device} but embeddings are on {embeddings.device}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{_OP}: alpha must be a number in [0, 1], got {alpha!r}")
+
+
+@torch.library.register_fake("facekernels::center_loss_forward")
+def _(embeddings, labels, centers, alpha, compute_update):
+    _check(embeddings, labels, centers, alpha)
+    updated_rows = embeddings.shape[0] if compute_update else 0
+    return (
+        embeddings.new_empty(()),
+        torch.empty_like(embeddings, memory_format=torch.contiguous_format),
+        embeddings.new_empty((updated_rows, embeddings.shape[1])),
+    )
+
+
+@torch.library.register_fake("facekernels::center_loss_backward")
+def _(grad_loss, diff, labels, num_classes, centers_grad):
+    return (
+        torch.empty_like(diff, memory_format=torch.contiguous_format),
+        diff.new_empty((num_classes if centers_grad else 0, diff.shape[1])),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, labels, centers, _, _ = inputs
+    _, diff, updated = output
+    ctx.save_for_backward(diff, labels)
+    ctx.num_classes = centers.shape[0]
+    ctx.mark_non_differentiable(diff, updated)
+
+
+def _backward(ctx, grad_loss, grad_diff, grad_updated):
+    diff, labels = ctx.saved_tensors
+    centers_grad = ctx.needs_input_grad[2]
+    grad_embeddings, grad_centers = torch.ops.facekernels.center_loss_backward(
+        grad_loss, diff, labels, ctx.num_classes, centers_grad
+    )
+    return (
+        grad_embeddings if ctx.needs_input_grad[0] else None,
+        None,
+        grad_centers if centers_grad else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "facekernels::center_loss_forward", _backward, setup_context=_setup_context
+)
+
+
+def center_loss(embeddings, labels, centers, *, alpha=0.5, update_centers=False):
+    """Center loss (Wen et al. 2016, "A Discriminative Feature Learning Approach for Deep
+    Face Recognition"): ``mean_i 1/2 |x_i - c_{y_i}|^2``, so ``dL/dx_i = (x_i - c_{y_i}) / N``.
+
+    One fused pass per device computes the loss, the gradient direction for ``embeddings``
+    and, with ``update_centers=True``, Wen et al.'s center update
+
+        delta_j = sum_{i: y_i = j} (c_j - x_i) / (1 + n_j),   c_j <- c_j - alpha * delta_j
+
+    applied in place to ``centers`` after the loss is formed with the current centers. Only
+    the rows of classes present in the batch are written, and nothing is written unless
+    every check passed. No N x C matrix and no C x D temporary is built.
+
+    Args:
+        embeddings: [N, D] float tensor (fp32, fp64, bf16, fp16).
+        labels: [N] int64 class indices in [0, C).
+        centers: [C, D] tensor of the embeddings' dtype and device. It receives the exact
+            gradient when it requires grad; it must not when ``update_centers`` is set.
+        alpha: the center learning rate of the update rule, in [0, 1].
+        update_centers: apply the update rule in place.
+
+    Returns:
+        The scalar loss, in the embeddings' dtype (accumulated in fp32 or better).
+    """
+    _check(embeddings, labels, centers, alpha)
+    if update_centers and centers.requires_grad:
+        raise ValueError(
+            f"{_OP}: update_centers=True moves centers by Wen et al.'s rule, so centers must "
+            "not require grad (use a buffer, or update_centers=False to learn them by gradient)"
+        )
+    loss, _, updated = torch.ops.facekernels.center_loss_forward(
+        embeddings, labels, centers, float(alpha), update_centers
+    )
+    if update_centers:
+        # Rows of one class carry identical values, so the order of these writes is moot.
+        with torch.no_grad():
+            centers.index_put_((labels,), updated)
+    return loss
