@@ -1,0 +1,114 @@
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "margin_softmax.h"
+
+namespace facekernels {
+namespace {
+
+// Each task owns whole rows; a row's classes are visited in order, so sums are reproducible.
+void forward_epilogue_cpu(const at::Tensor& z, int64_t class_start, const at::Tensor& labels,
+                          const at::Tensor& row_scale, const MarginOptions& options,
+                          RowState& state) {
+  const int64_t n = z.size(0), length = z.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_forward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const Margin<acc_t> margin = options.margin<acc_t>();
+        const scalar_t* zp = z.const_data_ptr<scalar_t>();
+        const int64_t* label = labels.const_data_ptr<int64_t>();
+        const acc_t* scale = row_scale.const_data_ptr<acc_t>();
+        acc_t* row_max = state.row_max.mutable_data_ptr<acc_t>();
+        acc_t* row_sum = state.row_sum.mutable_data_ptr<acc_t>();
+        acc_t* target_logit = state.target_logit.mutable_data_ptr<acc_t>();
+        acc_t* best_cosine = state.best_cosine.mutable_data_ptr<acc_t>();
+        int64_t* predicted = state.predicted.mutable_data_ptr<int64_t>();
+        at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const scalar_t* row = zp + i * length;
+            const int64_t target = label[i] - class_start;
+            OnlineLse<acc_t> lse{row_max[i], row_sum[i]};
+            ArgMax<acc_t> best{best_cosine[i], predicted[i]};
+            for (int64_t j = 0; j < length; ++j) {
+              const acc_t zj = static_cast<acc_t>(row[j]);
+              const acc_t logit = margin.logit(zj, j == target, scale[i]);
+              lse.push(logit);
+              best.push(margin.cosine(zj), class_start + j);
+              if (j == target) {
+                target_logit[i] = logit;
+              }
+            }
+            row_max[i] = lse.max;
+            row_sum[i] = lse.sum;
+            best_cosine[i] = best.value;
+            predicted[i] = best.index;
+          }
+        });
+      });
+}
+
+void backward_epilogue_cpu(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
+                           const at::Tensor& row_scale, const at::Tensor& lse,
+                           const at::Tensor& grad_lse, const at::Tensor& grad_target,
+                           const MarginOptions& options, at::Tensor& scale_grad) {
+  const int64_t n = z.size(0), length = z.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const Margin<acc_t> margin = options.margin<acc_t>();
+        scalar_t* zp = z.mutable_data_ptr<scalar_t>();
+        const int64_t* label = labels.const_data_ptr<int64_t>();
+        const acc_t* scale = row_scale.const_data_ptr<acc_t>();
+        const acc_t* row_lse = lse.const_data_ptr<acc_t>();
+        const acc_t* g_lse = grad_lse.const_data_ptr<acc_t>();
+        const acc_t* g_target = grad_target.const_data_ptr<acc_t>();
+        acc_t* s_grad = scale_grad.mutable_data_ptr<acc_t>();
+        at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            scalar_t* row = zp + i * length;
+            const int64_t target = label[i] - class_start;
+            acc_t row_scale_grad = 0;
+            for (int64_t j = 0; j < length; ++j) {
+              row[j] = static_cast<scalar_t>(margin_logit_backward<acc_t>(
+                  margin, static_cast<acc_t>(row[j]), j == target, scale[i], row_lse[i],
+                  g_lse[i], g_target[i], row_scale_grad));
+            }
+            s_grad[i] += row_scale_grad;
+          }
+        });
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    double scale, double m1, double m2, double m3, double lambda, int64_t kind,
+    bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
+  return margin_softmax_forward_impl(
+      embeddings, weight, labels,
+      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
+       chunk_size},
+      &forward_epilogue_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
+    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse, double scale,
+    double m1, double m2, double m3, double lambda, int64_t kind, bool exact_gradient,
+    bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
+  return margin_softmax_backward_impl(
+      grad_lse, grad_target, embeddings, weight, labels, lse,
+      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
+       chunk_size},
+      &backward_epilogue_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(facekernels, CPU, m) {
+  m.impl("margin_softmax_forward", &margin_softmax_forward_cpu);
+  m.impl("margin_softmax_backward", &margin_softmax_backward_cpu);
+}
+
+}  // namespace facekernels

@@ -1,0 +1,150 @@
+#include "margin_softmax.h"
+
+#include <ATen/OpMathType.h>
+
+#include "common/checks.h"
+
+namespace facekernels {
+namespace {
+
+constexpr const char* kOp = "margin_softmax_loss";
+
+// Labels are not range-checked here: a label outside [0, C) means "this weight does not
+// hold the row's class" (a class shard), so the row gets no target logit. The Python API
+// checks the range for a whole weight.
+void check_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
+                  const at::Tensor& labels, const MarginOptions& options) {
+  check_defined_floating(kOp, "embeddings", embeddings);
+  check_defined_floating(kOp, "weight", weight);
+  check_dim(kOp, "embeddings", embeddings, 2);
+  TORCH_CHECK_VALUE(embeddings.size(0) > 0, kOp,
+                    ": embeddings must hold at least one row, got shape ", embeddings.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == embeddings.size(1), kOp,
+                    ": weight must have shape [num_classes, ", embeddings.size(1),
+                    "] to match embeddings, got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) > 0, kOp, ": weight must hold at least one class");
+  check_same_device(kOp, "weight", weight, embeddings);
+  check_same_device(kOp, "labels", labels, embeddings);
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, kOp, ": labels must be int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == embeddings.size(0), kOp,
+                    ": labels must have shape [", embeddings.size(0),
+                    "] to match embeddings, got ", labels.sizes());
+  TORCH_CHECK_VALUE(options.chunk_size > 0, kOp, ": chunk_size must be positive, got ",
+                    options.chunk_size);
+  TORCH_CHECK_VALUE(options.kind == kCombinedMargin || options.kind == kSphereMargin, kOp,
+                    ": unknown margin kind ", options.kind);
+}
+
+// Rows scaled to unit norm as F.normalize does (norm floored at 1e-12), computed in the
+// accumulate type. Returns (normalized rows in `dtype`, 1 / floored norms, norms).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_rows(const at::Tensor& rows,
+                                                              at::ScalarType dtype) {
+  const at::Tensor wide = rows.to(at::toOpMathType(dtype));
+  const at::Tensor norms = at::linalg_vector_norm(wide, 2, {1}, /*keepdim=*/true);
+  const at::Tensor inverse = norms.clamp_min(kNormFloor).reciprocal();
+  return {(wide * inverse).to(dtype), inverse, norms};
+}
+
+// Backward of F.normalize for rows with unit directions `unit`, given dL/d unit:
+// (g - <g, unit> unit) / |row| where |row| >= floor, else g / floor.
+at::Tensor normalize_backward(const at::Tensor& grad_unit, const at::Tensor& unit,
+                              const at::Tensor& inverse, const at::Tensor& norms) {
+  const at::Tensor along = (grad_unit * unit).sum(1, /*keepdim=*/true);
+  return (grad_unit - along.masked_fill(norms < kNormFloor, 0) * unit) * inverse;
+}
+
+// Per-row logit scale: s, or s * |x_i| when the embeddings are not normalized.
+at::Tensor row_scales(const at::Tensor& norms, const MarginOptions& options) {
+  return options.normalize_embeddings ? at::full_like(norms.squeeze(1), options.scale)
+                                      : norms.squeeze(1) * options.scale;
+}
+
+// The weight rows of one chunk, ready for the GEMM in the embeddings' dtype.
+struct WeightChunk {
+  at::Tensor rows, inverse, norms;
+};
+
+WeightChunk weight_chunk(const at::Tensor& weight, int64_t start, int64_t length,
+                         at::ScalarType dtype, const MarginOptions& options) {
+  const at::Tensor raw = weight.narrow(0, start, length);
+  if (!options.normalize_weight) {
+    return {raw.to(dtype), at::Tensor(), at::Tensor()};
+  }
+  auto [rows, inverse, norms] = normalize_rows(raw, dtype);
+  return {rows, inverse, norms};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const MarginOptions& options, ForwardEpilogue epilogue) {
+  check_inputs(embeddings, weight, labels, options);
+  const at::ScalarType dtype = embeddings.scalar_type();
+  const int64_t n = embeddings.size(0), num_classes = weight.size(0);
+  auto [unit, inverse, norms] = normalize_rows(embeddings, dtype);
+  const at::Tensor scales = row_scales(norms, options);
+  const auto acc = scales.options();
+  RowState state{at::full({n}, -std::numeric_limits<double>::infinity(), acc),
+                 at::zeros({n}, acc), at::zeros({n}, acc),
+                 at::full({n}, -std::numeric_limits<double>::infinity(), acc),
+                 at::full({n}, -1, labels.options())};
+  const at::Tensor labels_c = labels.contiguous();
+  for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
+    const int64_t length = std::min(options.chunk_size, num_classes - start);
+    const WeightChunk chunk = weight_chunk(weight, start, length, dtype, options);
+    const at::Tensor z = at::matmul(unit, chunk.rows.t()).contiguous();
+    epilogue(z, start, labels_c, scales, options, state);
+  }
+  at::Tensor lse = state.row_max + state.row_sum.log();
+  return {lse, state.target_logit, state.best_cosine, state.predicted};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
+    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
+    const MarginOptions& options, BackwardEpilogue epilogue) {
+  check_inputs(embeddings, weight, labels, options);
+  const at::ScalarType dtype = embeddings.scalar_type();
+  const int64_t n = embeddings.size(0), num_classes = weight.size(0);
+  auto [unit, inverse, norms] = normalize_rows(embeddings, dtype);
+  const at::Tensor scales = row_scales(norms, options);
+  const auto acc = scales.options();
+  const auto check_row_vector = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, kOp, ": ", name, " must have shape [", n,
+                      "], got ", t.sizes());
+  };
+  check_row_vector("grad_lse", grad_lse);
+  check_row_vector("grad_target", grad_target);
+  check_row_vector("lse", lse);
+  const at::Tensor grad_lse_c = grad_lse.to(acc).contiguous();
+  const at::Tensor grad_target_c = grad_target.to(acc).contiguous();
+  const at::Tensor lse_c = lse.to(acc).contiguous();
+  const at::Tensor labels_c = labels.contiguous();
+
+  at::Tensor grad_unit = at::zeros({n, embeddings.size(1)}, acc);
+  at::Tensor scale_grad = at::zeros({n}, acc);
+  at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
+    const int64_t length = std::min(options.chunk_size, num_classes - start);
+    const WeightChunk chunk = weight_chunk(weight, start, length, dtype, options);
+    at::Tensor dz = at::matmul(unit, chunk.rows.t()).contiguous();
+    epilogue(dz, start, labels_c, scales, lse_c, grad_lse_c, grad_target_c, options, scale_grad);
+    grad_unit.add_(at::matmul(dz, chunk.rows));
+    const at::Tensor grad_rows = at::matmul(dz.t(), unit).to(acc.dtype());
+    grad_weight.narrow(0, start, length)
+        .copy_(options.normalize_weight
+                   ? normalize_backward(grad_rows, chunk.rows.to(acc.dtype()), chunk.inverse,
+                                        chunk.norms)
+                   : grad_rows);
+  }
+  at::Tensor grad_embeddings = normalize_backward(grad_unit, unit.to(acc.dtype()), inverse, norms);
+  if (!options.normalize_embeddings) {
+    // s_i = scale |x_i| also depends on x_i: d|x_i|/dx_i is the unit direction.
+    grad_embeddings.add_(unit.to(acc.dtype()) * (scale_grad * options.scale).unsqueeze(1));
+  }
+  return {grad_embeddings.to(dtype), grad_weight};
+}
+
+}  // namespace facekernels

@@ -1,0 +1,249 @@
+"""margin_softmax: margin-softmax cross entropy that never builds the N x C logits
+(facekernels::margin_softmax_forward / _backward)."""
+
+import math
+
+import torch
+
+_OP = "margin_softmax_loss"
+_COMBINED, _SPHERE = 0, 1
+_REDUCTIONS = ("mean", "sum", "none")
+_GRADIENTS = ("exact", "detached")
+# Bytes of one [N, chunk] block of fp32 logits: about the L2 cache on a Hopper GPU, a
+# slice of it on a CPU.
+_CHUNK_BYTES = {"cuda": 32 * 2**20, "cpu": 4 * 2**20}
+
+
+def default_chunk_size(num_rows, device):
+    """Classes per chunk so that N x chunk fp32 values fit the device's cache budget."""
+    budget = _CHUNK_BYTES.get(torch.device(device).type, _CHUNK_BYTES["cpu"])
+    return max(128, budget // (4 * max(num_rows, 1)) // 128 * 128)
+
+
+def _check_tensors(embeddings, weight, labels):
+    """Checks that need no data, shared by eager calls and the fake kernel."""
+    for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("embeddings", embeddings), ("weight", weight)):
+        if not t.is_floating_point():
+            raise TypeError(f"{_OP}: {name} must be a floating-point tensor, got {t.dtype}")
+    if embeddings.dim() != 2 or embeddings.shape[0] == 0:
+        raise ValueError(
+            f"{_OP}: embeddings must be 2-D [N, D] with N >= 1, got shape {tuple(embeddings.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != embeddings.shape[1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"{_OP}: weight must have shape [num_classes, {embeddings.shape[1]}] to match "
+            f"embeddings, got {tuple(weight.shape)}"
+        )
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{_OP}: labels must be int64, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"{_OP}: labels must have shape [{embeddings.shape[0]}] to match embeddings, "
+            f"got {tuple(labels.shape)}"
+        )
+    for name, t in (("weight", weight), ("labels", labels)):
+        if t.device != embeddings.device:
+            raise ValueError(f"{_OP}: {name} is on {t.device} but embeddings are on {embeddings.device}")
+
+
+def _check_label_range(labels, num_classes):
+    lo, hi = torch.aminmax(labels)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= num_classes:
+        bad = f"min {lo}" if lo < 0 else f"max {hi}"
+        raise ValueError(
+            f"{_OP}: labels must be int64 with values in [0, {num_classes}), got {bad}"
+        )
+
+
+def _accumulate_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("facekernels::margin_softmax_forward")
+def _(embeddings, weight, labels, *options):
+    _check_tensors(embeddings, weight, labels)
+    n = embeddings.shape[0]
+    acc = _accumulate_dtype(embeddings.dtype)
+    rows = [embeddings.new_empty((n,), dtype=acc) for _ in range(3)]
+    return (*rows, embeddings.new_empty((n,), dtype=torch.int64))
+
+
+@torch.library.register_fake("facekernels::margin_softmax_backward")
+def _(grad_lse, grad_target, embeddings, weight, labels, lse, *options):
+    return (
+        torch.empty_like(embeddings, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    embeddings, weight, labels, *options = inputs
+    lse, _, best_cosine, predicted = output
+    ctx.save_for_backward(embeddings, weight, labels, lse)
+    ctx.options = options
+    ctx.mark_non_differentiable(best_cosine, predicted)
+
+
+def _backward(ctx, grad_lse, grad_target, grad_best, grad_predicted):
+    embeddings, weight, labels, lse = ctx.saved_tensors
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    if grad_target is None:
+        grad_target = torch.zeros_like(lse)
+    grad_embeddings, grad_weight = torch.ops.facekernels.margin_softmax_backward(
+        grad_lse, grad_target, embeddings, weight, labels, lse, *ctx.options
+    )
+    return (
+        grad_embeddings if ctx.needs_input_grad[0] else None,
+        grad_weight if ctx.needs_input_grad[1] else None,
+        *([None] * (1 + len(ctx.options))),
+    )
+
+
+torch.library.register_autograd(
+    "facekernels::margin_softmax_forward", _backward, setup_context=_setup_context
+)
+
+
+def _number(name, value, low=-math.inf, high=math.inf):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{_OP}: {name} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def fused_margin_loss(
+    embeddings,
+    weight,
+    labels,
+    *,
+    kind,
+    scale,
+    m1,
+    m2,
+    m3,
+    sphere_lambda,
+    gradient,
+    normalize_embeddings,
+    normalize_weight,
+    reduction,
+    chunk_size,
+    return_predictions,
+):
+    """The common path of every margin-softmax flavour; see margin_softmax_loss."""
+    _check_tensors(embeddings, weight, labels)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{_OP}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if gradient not in _GRADIENTS:
+        raise ValueError(f"{_OP}: gradient must be one of {_GRADIENTS}, got {gradient!r}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(embeddings.shape[0], embeddings.device)
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    if not torch.compiler.is_compiling():
+        _check_label_range(labels, weight.shape[0])
+    device_type = embeddings.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The GEMMs run in the autocast dtype; the weight's chunks are cast inside the op,
+        # so an fp32 master weight is never copied whole, and its gradient stays fp32.
+        embeddings = embeddings.to(torch.get_autocast_dtype(device_type))
+    lse, target_logit, _, predicted = torch.ops.facekernels.margin_softmax_forward(
+        embeddings,
+        weight,
+        labels,
+        _number("scale", scale, 0.0),
+        _number("m1", m1, 0.0),
+        _number("m2", m2),
+        _number("m3", m3),
+        _number("sphere_lambda", sphere_lambda, 0.0),
+        kind,
+        gradient == "exact",
+        bool(normalize_embeddings),
+        bool(normalize_weight),
+        chunk_size,
+    )
+    loss = lse - target_logit
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return (loss, predicted) if return_predictions else loss
+
+
+def margin_softmax_loss(
+    embeddings,
+    weight,
+    labels,
+    *,
+    scale=64.0,
+    m1=1.0,
+    m2=0.0,
+    m3=0.0,
+    reduction="mean",
+    gradient="exact",
+    normalize_embeddings=True,
+    chunk_size=None,
+    return_predictions=False,
+):
+    """Combined-margin softmax cross entropy (insightface's form; ArcFace is (1, m, 0),
+    CosFace (1, 0, m)) without the N x C logits:
+
+        cos_ij = <x_i/|x_i|, w_j/|w_j|>,  target logit s (cos(m1 theta + m2) - m3),
+        every other logit s cos_ij, loss_i = logsumexp_j(logit_ij) - target logit.
+
+    When m1 == 1 and m3 == 0, a target with theta + m2 > pi continues as
+    cos theta - m2 sin m2 (ArcFace's monotone fallback).
+
+    Args:
+        embeddings: [N, D] fp32 / bf16 / fp16 / fp64. The GEMMs run in this dtype (the
+            autocast dtype under torch.autocast); sums accumulate in fp32 (fp64 for fp64).
+        weight: [C, D], one row per identity (as nn.Linear and insightface), any float dtype.
+        labels: [N] int64 in [0, C).
+        scale: s. m1, m2, m3: the margins (m2 in radians).
+        reduction: "mean" | "sum" | "none" (the loss is fp32, or fp64 for fp64 inputs).
+        gradient: "exact", the true derivative; "detached", the margin shifts the value
+            only (insightface's and OpenSphere's behaviour).
+        normalize_embeddings: False uses s |x_i| as row i's scale (SphereFace / NormFace).
+        chunk_size: classes per chunk; default: N x chunk fp32 values in about 32 MiB on a
+            GPU (its L2 cache), 4 MiB on a CPU.
+        return_predictions: also return each row's argmax of the margin-free cosine
+            (int64 [N]) for the training accuracy, at no extra pass.
+
+    Extra memory: the two gradients, N x chunk logits and chunk x D weight rows; never N x C.
+    """
+    return fused_margin_loss(
+        embeddings, weight, labels, kind=_COMBINED, scale=scale, m1=m1, m2=m2, m3=m3,
+        sphere_lambda=0.0, gradient=gradient, normalize_embeddings=normalize_embeddings,
+        normalize_weight=True, reduction=reduction, chunk_size=chunk_size,
+        return_predictions=return_predictions,
+    )
+
+
+def sphereface_loss(
+    embeddings,
+    weight,
+    labels,
+    *,
+    margin=4,
+    lambda_=5.0,
+    scale=1.0,
+    reduction="mean",
+    gradient="exact",
+    normalize_embeddings=False,
+    chunk_size=None,
+    return_predictions=False,
+):
+    """SphereFace / A-Softmax (Liu et al. 2017) on the same fused op: the target logit is
+    r_i (psi(theta) + lambda cos theta) / (1 + lambda) with psi(theta) = (-1)^k cos(m theta)
+    - 2k, k = floor(m theta / pi), and r_i = scale |x_i| (scale when normalize_embeddings).
+    Other arguments as margin_softmax_loss.
+    """
+    return fused_margin_loss(
+        embeddings, weight, labels, kind=_SPHERE, scale=scale, m1=margin, m2=0.0, m3=0.0,
+        sphere_lambda=lambda_, gradient=gradient, normalize_embeddings=normalize_embeddings,
+        normalize_weight=True, reduction=reduction, chunk_size=chunk_size,
+        return_predictions=return_predictions,
+    )
