@@ -1,6 +1,7 @@
 #include "margin_softmax.h"
 
 #include <ATen/OpMathType.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "common/checks.h"
 
@@ -80,6 +81,8 @@ WeightChunk weight_chunk(const at::Tensor& weight, int64_t start, int64_t length
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const MarginOptions& options, ForwardEpilogue epilogue) {
+  // Dtypes are chosen here (GEMMs in the embeddings' dtype): autocast must not re-cast.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, options);
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = weight.size(0);
@@ -105,6 +108,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
     const MarginOptions& options, BackwardEpilogue epilogue) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, options);
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = weight.size(0);

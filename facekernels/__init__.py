@@ -2,8 +2,30 @@
 
 from facekernels._extension import build_info
 from facekernels.version import __version__
-from facekernels.ops import center_loss
-from facekernels.losses import CenterLoss
+from facekernels.ops import center_loss, margin_softmax_loss, sphereface_loss
+from facekernels.losses import (
+    ArcFaceLoss,
+    CenterLoss,
+    CombinedMarginLoss,
+    CosFaceLoss,
+    L2SoftmaxLoss,
+    SoftmaxLoss,
+    SphereFaceLoss,
+)
 from facekernels import reference
 
-__all__ = ["__version__", "build_info", "center_loss", "CenterLoss", "reference"]
+__all__ = [
+    "__version__",
+    "build_info",
+    "center_loss",
+    "margin_softmax_loss",
+    "sphereface_loss",
+    "ArcFaceLoss",
+    "CenterLoss",
+    "CombinedMarginLoss",
+    "CosFaceLoss",
+    "L2SoftmaxLoss",
+    "SoftmaxLoss",
+    "SphereFaceLoss",
+    "reference",
+]

@@ -1,13 +1,18 @@
 import pytest
 import torch
 
-# Tolerances for kernel-vs-reference parity in each dtype (DESIGN.md §5). Half precisions
-# are not compared against a tolerance but against the reference's own error: see
-# assert_no_worse_than_reference.
+# Tolerances for kernel-vs-reference parity in each dtype (DESIGN.md §5). Half precisions,
+# and fp32 where large logit scales amplify rounding, are compared against the reference's
+# own error instead: see assert_no_worse_than_reference.
 TOLERANCES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-6),
 }
+
+# Errors below this fraction of the largest true value always pass the "no worse than the
+# reference" rule: a normwise bound at the dtype's rounding level, so a reference that is
+# luckily exact does not set an unreachable bar.
+NORMWISE_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-6, torch.float16: 1e-6}
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -22,11 +27,14 @@ def assert_close(actual, expected, dtype=None):
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
 
 
-def assert_no_worse_than_reference(kernel, reference, truth, factor=2.0, floor=1e-6):
-    """The bf16/fp16 rule: the kernel's error against an fp64 truth is at most `factor`
-    times the error of the reference computed in the same low precision."""
+def assert_no_worse_than_reference(kernel, reference, truth, factor=2.0):
+    """The low-precision rule: the kernel's error against an fp64 truth is at most `factor`
+    times the error of the reference computed in the same precision (or within the
+    dtype's normwise floor)."""
     kernel_error = (kernel.double() - truth).abs().max().item()
     reference_error = (reference.double() - truth).abs().max().item()
+    floor = NORMWISE_FLOOR[reference.dtype] * truth.abs().max().item()
     assert kernel_error <= factor * max(reference_error, floor), (
-        f"kernel error {kernel_error:.3g} > {factor} x reference error {reference_error:.3g}"
+        f"kernel error {kernel_error:.3g} > {factor} x max(reference error "
+        f"{reference_error:.3g}, floor {floor:.3g})"
     )

@@ -49,6 +49,13 @@ def _check_tensors(embeddings, weight, labels):
             raise ValueError(f"{_OP}: {name} is on {t.device} but embeddings are on {embeddings.device}")
 
 
+def check_modes(reduction, gradient):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{_OP}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if gradient not in _GRADIENTS:
+        raise ValueError(f"{_OP}: gradient must be one of {_GRADIENTS}, got {gradient!r}")
+
+
 def _check_label_range(labels, num_classes):
     lo, hi = torch.aminmax(labels)
     lo, hi = int(lo), int(hi)
@@ -135,10 +142,7 @@ def fused_margin_loss(
 ):
     """The common path of every margin-softmax flavour; see margin_softmax_loss."""
     _check_tensors(embeddings, weight, labels)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{_OP}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if gradient not in _GRADIENTS:
-        raise ValueError(f"{_OP}: gradient must be one of {_GRADIENTS}, got {gradient!r}")
+    check_modes(reduction, gradient)
     if chunk_size is None:
         chunk_size = default_chunk_size(embeddings.shape[0], embeddings.device)
     elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:

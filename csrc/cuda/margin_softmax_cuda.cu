@@ -1,0 +1,164 @@
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "margin_softmax.h"
+
+namespace facekernels {
+namespace {
+
+constexpr int kThreads = 256;
+
+// The row's running state after one chunk: an online log-sum-exp and an argmax.
+template <typename acc_t>
+struct RowSummary {
+  OnlineLse<acc_t> lse;
+  ArgMax<acc_t> best;
+};
+
+struct MergeSummaries {
+  template <typename acc_t>
+  __device__ RowSummary<acc_t> operator()(RowSummary<acc_t> a, const RowSummary<acc_t>& b) const {
+    a.lse.merge(b.lse);
+    a.best.merge(b.best);
+    return a;
+  }
+};
+
+// One block per row: threads stride over the chunk's classes, then merge their partial
+// states in cub's fixed tree order (deterministic) and fold the result into the row.
+template <typename scalar_t, typename acc_t>
+__global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z, int64_t length,
+                                        int64_t class_start, const int64_t* __restrict__ labels,
+                                        const acc_t* __restrict__ row_scale, Margin<acc_t> margin,
+                                        acc_t* __restrict__ row_max, acc_t* __restrict__ row_sum,
+                                        acc_t* __restrict__ target_logit,
+                                        acc_t* __restrict__ best_cosine,
+                                        int64_t* __restrict__ predicted) {
+  const int64_t i = blockIdx.x;
+  const scalar_t* row = z + i * length;
+  const int64_t target = labels[i] - class_start;
+  const acc_t scale = row_scale[i];
+  RowSummary<acc_t> mine;
+  for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
+    const acc_t zj = static_cast<acc_t>(row[j]);
+    const acc_t logit = margin.logit(zj, j == target, scale);
+    mine.lse.push(logit);
+    mine.best.push(margin.cosine(zj), class_start + j);
+    if (j == target) {
+      target_logit[i] = logit;
+    }
+  }
+  using Reduce = cub::BlockReduce<RowSummary<acc_t>, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  const RowSummary<acc_t> chunk = Reduce(storage).Reduce(mine, MergeSummaries());
+  if (threadIdx.x == 0) {
+    RowSummary<acc_t> state{{row_max[i], row_sum[i]}, {best_cosine[i], predicted[i]}};
+    state = MergeSummaries()(state, chunk);
+    row_max[i] = state.lse.max;
+    row_sum[i] = state.lse.sum;
+    best_cosine[i] = state.best.value;
+    predicted[i] = state.best.index;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void backward_epilogue_kernel(scalar_t* __restrict__ z, int64_t length,
+                                         int64_t class_start, const int64_t* __restrict__ labels,
+                                         const acc_t* __restrict__ row_scale,
+                                         const acc_t* __restrict__ lse,
+                                         const acc_t* __restrict__ grad_lse,
+                                         const acc_t* __restrict__ grad_target,
+                                         Margin<acc_t> margin, acc_t* __restrict__ scale_grad) {
+  const int64_t i = blockIdx.x;
+  scalar_t* row = z + i * length;
+  const int64_t target = labels[i] - class_start;
+  const acc_t scale = row_scale[i], row_lse = lse[i], g_lse = grad_lse[i], g_target = grad_target[i];
+  acc_t mine = 0;
+  for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
+    row[j] = static_cast<scalar_t>(margin_logit_backward<acc_t>(
+        margin, static_cast<acc_t>(row[j]), j == target, scale, row_lse, g_lse, g_target, mine));
+  }
+  using Reduce = cub::BlockReduce<acc_t, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  const acc_t chunk = Reduce(storage).Sum(mine);
+  if (threadIdx.x == 0) {
+    scale_grad[i] += chunk;
+  }
+}
+
+void forward_epilogue_cuda(const at::Tensor& z, int64_t class_start, const at::Tensor& labels,
+                           const at::Tensor& row_scale, const MarginOptions& options,
+                           RowState& state) {
+  const int64_t n = z.size(0), length = z.size(1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        forward_epilogue_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
+            z.const_data_ptr<scalar_t>(), length, class_start, labels.const_data_ptr<int64_t>(),
+            row_scale.const_data_ptr<acc_t>(), options.margin<acc_t>(),
+            state.row_max.mutable_data_ptr<acc_t>(), state.row_sum.mutable_data_ptr<acc_t>(),
+            state.target_logit.mutable_data_ptr<acc_t>(),
+            state.best_cosine.mutable_data_ptr<acc_t>(),
+            state.predicted.mutable_data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void backward_epilogue_cuda(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
+                            const at::Tensor& row_scale, const at::Tensor& lse,
+                            const at::Tensor& grad_lse, const at::Tensor& grad_target,
+                            const MarginOptions& options, at::Tensor& scale_grad) {
+  const int64_t n = z.size(0), length = z.size(1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        backward_epilogue_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
+            z.mutable_data_ptr<scalar_t>(), length, class_start, labels.const_data_ptr<int64_t>(),
+            row_scale.const_data_ptr<acc_t>(), lse.const_data_ptr<acc_t>(),
+            grad_lse.const_data_ptr<acc_t>(), grad_target.const_data_ptr<acc_t>(),
+            options.margin<acc_t>(), scale_grad.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    double scale, double m1, double m2, double m3, double lambda, int64_t kind,
+    bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  return margin_softmax_forward_impl(
+      embeddings, weight, labels,
+      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
+       chunk_size},
+      &forward_epilogue_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
+    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse, double scale,
+    double m1, double m2, double m3, double lambda, int64_t kind, bool exact_gradient,
+    bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  return margin_softmax_backward_impl(
+      grad_lse, grad_target, embeddings, weight, labels, lse,
+      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
+       chunk_size},
+      &backward_epilogue_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(facekernels, CUDA, m) {
+  m.impl("margin_softmax_forward", &margin_softmax_forward_cuda);
+  m.impl("margin_softmax_backward", &margin_softmax_backward_cuda);
+}
+
+}  // namespace facekernels

@@ -1,0 +1,340 @@
+import math
+
+import pytest
+import torch
+
+import facekernels
+from facekernels import reference
+from conftest import assert_close, assert_no_worse_than_reference
+
+
+def make_batch(n, dim, num_classes, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64) * 3
+    weight = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    labels[0], labels[-1] = 0, num_classes - 1  # the first and the last class
+    return x.to(device, dtype), weight.to(device, dtype), labels.to(device)
+
+
+# name -> (facekernels call, reference call); both take (x, w, y, **options).
+def combined(m1, m2, m3, scale=64.0):
+    def fused(x, w, y, **kw):
+        return facekernels.margin_softmax_loss(x, w, y, scale=scale, m1=m1, m2=m2, m3=m3, **kw)
+
+    def oracle(x, w, y, **kw):
+        return reference.margin_softmax_loss(x, w, y, scale=scale, m1=m1, m2=m2, m3=m3, **kw)
+
+    return fused, oracle
+
+
+def sphere(margin, lambda_):
+    def fused(x, w, y, **kw):
+        return facekernels.sphereface_loss(x, w, y, margin=margin, lambda_=lambda_, **kw)
+
+    def oracle(x, w, y, **kw):
+        return reference.sphereface_loss(x, w, y, margin=margin, lambda_=lambda_, **kw)
+
+    return fused, oracle
+
+
+MARGINS = {
+    "arcface": combined(1.0, 0.5, 0.0),
+    "cosface": combined(1.0, 0.0, 0.35),
+    "combined": combined(1.2, 0.3, 0.1),
+    "softmax_on_sphere": combined(1.0, 0.0, 0.0, scale=30.0),
+    "sphereface": sphere(4, 5.0),
+    "sphereface_m2": sphere(2, 0.0),
+}
+
+
+def run(fn, x, w, y, grad_seed=1, **kw):
+    """Loss and the gradients of a random weighting of it (so 'none' is covered)."""
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = fn(x, w, y, **kw)
+    g = torch.Generator().manual_seed(grad_seed)
+    weights = torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype)
+    gx, gw = torch.autograd.grad((loss * weights).sum(), (x, w))
+    return loss, gx, gw
+
+
+@pytest.mark.parametrize("margin", list(MARGINS))
+@pytest.mark.parametrize("gradient", ["exact", "detached"])
+@pytest.mark.parametrize("normalize_embeddings", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_reference(device, margin, gradient, normalize_embeddings, reduction, dtype):
+    fused, oracle = MARGINS[margin]
+    x, w, y = make_batch(37, 24, 300, device, torch.float64)  # 300 classes: 128 + 128 + 44
+    options = dict(gradient=gradient, normalize_embeddings=normalize_embeddings, reduction=reduction)
+    truth = run(oracle, x, w, y, **options)
+    got = run(fused, x.to(dtype), w.to(dtype), y, chunk_size=128, **options)
+    if dtype == torch.float64:
+        for a, t in zip(got, truth):
+            assert_close(a, t)
+    else:
+        # With s = 64 the logits amplify fp32 rounding; the fair bar is the reference's own
+        # fp32 error against the fp64 truth.
+        ref = run(oracle, x.to(dtype), w.to(dtype), y, **options)
+        for a, r, t in zip(got, ref, truth):
+            assert_no_worse_than_reference(a, r, t)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_chunk_size_does_not_change_the_result(device, chunk_size):
+    x, w, y = make_batch(19, 16, 50, device, torch.float64)
+    got = run(MARGINS["arcface"][0], x, w, y, chunk_size=chunk_size)
+    expected = run(MARGINS["arcface"][1], x, w, y)
+    for a, b in zip(got, expected):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("module, oracle", [
+    (lambda: facekernels.SoftmaxLoss(40, 12), lambda x, w, y: reference.softmax_cross_entropy(x, w, y)),
+    (lambda: facekernels.L2SoftmaxLoss(40, 12, alpha=16.0),
+     lambda x, w, y: reference.l2_softmax_loss(x, w, y, alpha=16.0)),
+    (lambda: facekernels.ArcFaceLoss(40, 12, margin=0.5),
+     lambda x, w, y: reference.arcface_loss(x, w, y, margin=0.5)),
+    (lambda: facekernels.CosFaceLoss(40, 12, margin=0.35),
+     lambda x, w, y: reference.cosface_loss(x, w, y, margin=0.35)),
+    (lambda: facekernels.CombinedMarginLoss(40, 12, m1=1.0, m2=0.3, m3=0.2),
+     lambda x, w, y: reference.margin_softmax_loss(x, w, y, m2=0.3, m3=0.2)),
+], ids=["softmax", "l2softmax", "arcface", "cosface", "combined"])
+def test_modules_match_reference(device, module, oracle):
+    head = module().to(device, torch.float64)
+    with torch.no_grad():
+        head.weight.normal_()
+    x, _, y = make_batch(33, 12, 40, device, torch.float64)
+    x.requires_grad_()
+    loss = head(x, y)
+    loss.backward()
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = head.weight.detach().clone().requires_grad_()
+    expected = oracle(x_ref, w_ref, y)
+    expected.backward()
+    assert_close(loss, expected)
+    assert_close(x.grad, x_ref.grad)
+    assert_close(head.weight.grad, w_ref.grad)
+    # get_logits: the margin-free logits whose softmax CE is the zero-margin loss.
+    logits = head.get_logits(x.detach())
+    assert logits.shape == (33, 40)
+    assert torch.equal(logits.argmax(1), head(x.detach(), y, return_predictions=True)[1])
+
+
+def test_sphereface_module_anneals_lambda():
+    head = facekernels.SphereFaceLoss(10, 8, margin=4, lambda_base=1000.0, lambda_gamma=0.12,
+                                      lambda_power=1.0, lambda_min=5.0).double()
+    x, _, y = make_batch(6, 8, 10, "cpu", torch.float64)
+    assert head.current_lambda() == 1000.0
+    head(x, y)
+    assert head.iteration == 1 and head.current_lambda() == pytest.approx(1000.0 / 1.12)
+    head.eval()
+    loss = head(x, y)
+    assert head.iteration == 1  # evaluation does not advance the schedule
+    expected = reference.sphereface_loss(x, head.weight, y, margin=4, lambda_=1000.0 / 1.12)
+    assert_close(loss, expected)
+    head.iteration = 10**6
+    assert head.current_lambda() == 5.0
+    restored = facekernels.SphereFaceLoss(10, 8)
+    restored.load_state_dict(head.state_dict())
+    assert restored.iteration == 10**6
+
+
+def test_gradcheck_fp64():
+    x, w, y = make_batch(5, 4, 6, "cpu", torch.float64)
+    x.requires_grad_()
+    w.requires_grad_()
+    for margin in ("arcface", "combined", "sphereface"):
+        fused = MARGINS[margin][0]
+        assert torch.autograd.gradcheck(
+            lambda x, w: fused(x, w, y, chunk_size=4, reduction="none"), (x, w)
+        )
+    assert torch.autograd.gradcheck(
+        lambda x, w: facekernels.margin_softmax_loss(
+            x, w, y, m2=0.4, normalize_embeddings=False, scale=2.0, chunk_size=5), (x, w)
+    )
+
+
+def test_theta_near_zero_and_near_pi(device):
+    # Rows exactly on (or opposite to) their class: cos = +-1 where the arccos derivative
+    # is unbounded. Row 1 also sits past pi - m2, where ArcFace's fallback applies.
+    w = torch.eye(3, 4, dtype=torch.float64, device=device)
+    x = torch.tensor([[2.0, 0, 0, 0], [-1.0, 1e-9, 0, 0], [0, -1.0, 0.01, 0], [0, 0, 1.0, 1e-7]],
+                     dtype=torch.float64, device=device)
+    y = torch.tensor([0, 0, 1, 2], device=device)
+    for margin in MARGINS:
+        for gradient in ("exact", "detached"):
+            got = run(MARGINS[margin][0], x, w, y, gradient=gradient, reduction="none")
+            expected = run(MARGINS[margin][1], x, w, y, gradient=gradient, reduction="none")
+            for a, b in zip(got, expected):
+                assert torch.isfinite(a).all()
+                assert_close(a, b)
+
+
+def test_hand_worked_arcface(device):
+    # Two classes along the axes, one row at 60 degrees from class 0, s = 1, m = 30 degrees:
+    # target logit cos(90 deg) = 0, other logit cos(30 deg) = sqrt(3)/2, so the loss is
+    # log(1 + e^{sqrt(3)/2}) and the predicted class (margin-free) is class 1.
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64, device=device)
+    x = torch.tensor([[0.5, math.sqrt(3) / 2]], dtype=torch.float64, device=device)
+    y = torch.tensor([0], device=device)
+    loss, predicted = facekernels.margin_softmax_loss(
+        x, w, y, scale=1.0, m2=math.pi / 6, return_predictions=True
+    )
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(math.sqrt(3) / 2)), rel=1e-12)
+    assert predicted.tolist() == [1]
+
+
+def test_predictions_are_the_argmax_of_the_cosines(device):
+    x, w, y = make_batch(50, 16, 333, device)
+    _, predicted = facekernels.margin_softmax_loss(x, w, y, chunk_size=100, return_predictions=True)
+    cosines = torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).t()
+    assert torch.equal(predicted, cosines.argmax(1))
+
+
+def test_class_shards_combine_to_the_whole(device):
+    """The forward serves a class-sharded caller: per-shard log-sum-exp, labels of other
+    shards give no target logit, and merging shards reproduces the single-weight loss."""
+    x, w, y = make_batch(20, 8, 90, device, torch.float64)
+    op = torch.ops.facekernels.margin_softmax_forward
+    args = (64.0, 1.0, 0.5, 0.0, 0.0, 0, True, True, True, 16)
+    lse_parts, target_parts = [], []
+    for start in (0, 40):
+        shard = w[start:start + 50] if start == 40 else w[:40]
+        lse, target, _, _ = op(x, shard, y - start, *args)
+        lse_parts.append(lse)
+        target_parts.append(target)
+    loss = torch.logsumexp(torch.stack(lse_parts), 0) - sum(target_parts)
+    expected = reference.margin_softmax_loss(x, w, y, m2=0.5, reduction="none")
+    assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_no_worse_than_reference(device, dtype):
+    x, w, y = make_batch(64, 32, 500, device, torch.float64)
+    fused, oracle = MARGINS["arcface"]
+    truth = run(oracle, x, w, y, reduction="none")
+    got = run(fused, x.to(dtype), w.to(dtype), y, reduction="none")
+    ref = run(oracle, x.to(dtype), w.to(dtype), y, reduction="none")
+    assert got[0].dtype == torch.float32  # the loss accumulates in fp32
+    for a, b, t in zip(got, ref, truth):
+        assert_no_worse_than_reference(a, b, t)
+
+
+def test_autocast_runs_bf16_gemms_and_keeps_fp32_gradients(device):
+    head = facekernels.ArcFaceLoss(200, 32).to(device)
+    x, _, y = make_batch(16, 32, 200, device)
+    x.requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = head(x, y)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert head.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = head.weight.detach().clone().requires_grad_()
+    truth = reference.arcface_loss(x_ref.double(), w_ref.double(), y)
+    truth.backward()
+    assert abs(loss.item() - truth.item()) < 0.05 * abs(truth.item())
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(head.weight.grad.flatten(), w_ref.grad.flatten().float(), dim=0) > 0.99
+    assert cos(x.grad.flatten(), x_ref.grad.flatten().float(), dim=0) > 0.99
+
+
+def test_bitwise_deterministic(device):
+    x, w, y = make_batch(128, 64, 3000, device)
+    first = run(MARGINS["arcface"][0], x, w, y, chunk_size=512)
+    for _ in range(2):
+        again = run(MARGINS["arcface"][0], x, w, y, chunk_size=512)
+        for a, b in zip(again, first):
+            assert torch.equal(a, b)
+
+
+def test_nan_embeddings_do_not_give_a_finite_loss(device):
+    x, w, y = make_batch(8, 6, 20, device)
+    x[3, 2] = float("nan")
+    losses = facekernels.margin_softmax_loss(x, w, y, reduction="none")
+    assert torch.isnan(losses[3])
+    assert not torch.isfinite(facekernels.margin_softmax_loss(x, w, y))
+    x[3, 2] = float("inf")
+    assert not torch.isfinite(facekernels.margin_softmax_loss(x, w, y))
+
+
+def test_opcheck(device):
+    x, w, y = make_batch(9, 8, 21, device)
+    options = (64.0, 1.0, 0.5, 0.0, 0.0, 0, True, True, True, 8)
+    torch.library.opcheck(
+        torch.ops.facekernels.margin_softmax_forward.default,
+        (x.requires_grad_(), w.requires_grad_(), y, *options),
+    )
+    lse = torch.rand(9, device=device) + 3
+    torch.library.opcheck(
+        torch.ops.facekernels.margin_softmax_backward.default,
+        (torch.rand(9, device=device), -torch.rand(9, device=device), x.detach(), w.detach(), y,
+         lse, *options),
+    )
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    head = facekernels.ArcFaceLoss(100, 16, chunk_size=32).to(device)
+    compiled = torch.compile(head, fullgraph=True)
+    x, _, y = make_batch(12, 16, 100, device)
+    for step in range(2):
+        xe, xc = (x + step).requires_grad_(), (x + step).requires_grad_()
+        eager_loss = head(xe, y)
+        (eager_w,) = torch.autograd.grad(eager_loss, [head.weight], retain_graph=True)
+        eager_loss.backward()
+        compiled_loss = compiled(xc, y)
+        (compiled_w,) = torch.autograd.grad(compiled_loss, [head.weight], retain_graph=True)
+        compiled_loss.backward()
+        assert_close(compiled_loss, eager_loss)
+        assert_close(xc.grad, xe.grad)
+        assert_close(compiled_w, eager_w)
+
+
+BAD_INPUTS = [
+    ("label >= C", lambda x, w, y: (x, w, y.index_fill(0, torch.tensor([2], device=y.device), 21)),
+     ValueError, r"labels must be int64 with values in \[0, 21\), got max 21"),
+    ("label < 0", lambda x, w, y: (x, w, y.index_fill(0, torch.tensor([2], device=y.device), -3)),
+     ValueError, r"values in \[0, 21\), got min -3"),
+    ("D mismatch", lambda x, w, y: (x, w[:, :-1], y), ValueError, r"weight must have shape \[num_classes, 8\]"),
+    ("1-D weight", lambda x, w, y: (x, w[0], y), ValueError, "weight must have shape"),
+    ("3-D embeddings", lambda x, w, y: (x[None], w, y), ValueError, "embeddings must be 2-D"),
+    ("int embeddings", lambda x, w, y: (x.long(), w, y), TypeError, "embeddings must be a floating-point"),
+    ("int32 labels", lambda x, w, y: (x, w, y.int()), TypeError, "labels must be int64"),
+    ("labels too long", lambda x, w, y: (x, w, torch.cat([y, y[:1]])), ValueError, r"labels must have shape \[9\]"),
+    ("empty batch", lambda x, w, y: (x[:0], w, y[:0]), ValueError, "N >= 1"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_a_clear_error(device, case):
+    _, mutate, error, message = case
+    x, w, y = mutate(*make_batch(9, 8, 21, device))
+    with pytest.raises(error, match=message):
+        facekernels.margin_softmax_loss(x, w, y)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(reduction="avg"), "reduction must be one of"),
+    (dict(gradient="straight"), "gradient must be one of"),
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(scale=-1.0), "scale must be a number"),
+])
+def test_bad_options_are_errors(kwargs, message):
+    x, w, y = make_batch(4, 3, 5, "cpu")
+    with pytest.raises(ValueError, match=message):
+        facekernels.margin_softmax_loss(x, w, y, **kwargs)
+
+
+def test_op_checks_its_inputs_too():
+    x, w, y = make_batch(4, 3, 5, "cpu")
+    with pytest.raises(ValueError, match="margin_softmax_loss: weight must have shape"):
+        torch.ops.facekernels.margin_softmax_forward(
+            x, w[:, :2], y, 64.0, 1.0, 0.5, 0.0, 0.0, 0, True, True, True, 8
+        )
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        torch.ops.facekernels.margin_softmax_forward(
+            x, w, y, 64.0, 1.0, 0.5, 0.0, 0.0, 0, True, True, True, 0
+        )
