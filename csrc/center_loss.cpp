@@ -25,7 +25,8 @@ CenterForward center_forward_setup(const at::Tensor& embeddings, const at::Tenso
   check_defined_floating(op, "embeddings", embeddings);
   check_defined_floating(op, "centers", centers);
   check_dim(op, "embeddings", embeddings, 2);
-  TORCH_CHECK_VALUE(embeddings.size(0) > 0, op, ": embeddings must hold at least one row, got shape ",
+  TORCH_CHECK_VALUE(embeddings.size(0) > 0 && embeddings.size(0) <= INT32_MAX, op,
+                    ": embeddings must hold between 1 and 2^31 - 1 rows, got shape ",
                     embeddings.sizes());
   TORCH_CHECK_VALUE(centers.dim() == 2 && centers.size(1) == embeddings.size(1), op,
                     ": centers must have shape [num_classes, ", embeddings.size(1),

@@ -31,6 +31,19 @@ TORCH_LIBRARY(facekernels, m) {
       "Tensor weight, Tensor labels, Tensor lse, float scale, float m1, float m2, float m3, "
       "float sphere_lambda, int margin_kind, bool exact_gradient, bool normalize_embeddings, "
       "bool normalize_weight, int chunk_size) -> (Tensor grad_embeddings, Tensor grad_weight)");
+
+  // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
+  // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet; positives and negatives
+  // index the columns (self_ref: the columns are the rows' own batch, a != p). Returns the
+  // sum of the mined triplets' losses, how many are > 0, how many were mined, and
+  // d loss_sum / d dist. triplet_mine returns the triplets (a, p, n) in lexicographic order.
+  m.def(
+      "triplet_margin_forward(Tensor dist, Tensor labels, Tensor ref_labels, float margin, "
+      "int mining, bool self_ref, bool smooth) -> (Tensor loss_sum, Tensor active, "
+      "Tensor count, Tensor grad_dist)");
+  m.def(
+      "triplet_mine(Tensor dist, Tensor labels, Tensor ref_labels, float margin, int mining, "
+      "bool self_ref) -> (Tensor anchors, Tensor positives, Tensor negatives)");
 }
 
 // A real module init, so `import facekernels._C` loads the op registrations above.

@@ -18,8 +18,9 @@ void check_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
   check_defined_floating(kOp, "embeddings", embeddings);
   check_defined_floating(kOp, "weight", weight);
   check_dim(kOp, "embeddings", embeddings, 2);
-  TORCH_CHECK_VALUE(embeddings.size(0) > 0, kOp,
-                    ": embeddings must hold at least one row, got shape ", embeddings.sizes());
+  TORCH_CHECK_VALUE(embeddings.size(0) > 0 && embeddings.size(0) <= INT32_MAX, kOp,
+                    ": embeddings must hold between 1 and 2^31 - 1 rows, got shape ",
+                    embeddings.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == embeddings.size(1), kOp,
                     ": weight must have shape [num_classes, ", embeddings.size(1),
                     "] to match embeddings, got ", weight.sizes());

@@ -13,6 +13,8 @@
 #include <limits>
 #include <tuple>
 
+#include "common/reductions.h"
+
 namespace facekernels {
 
 enum MarginKind : int64_t {
@@ -108,6 +110,9 @@ struct OnlineLse {
   acc_t sum = acc_t(0);
 
   C10_HOST_DEVICE void push(acc_t x) {
+    if (x == -std::numeric_limits<acc_t>::infinity()) {
+      return;  // exp(-inf) adds nothing, and -inf - -inf would be NaN
+    }
     if (x > max) {
       sum = sum * std::exp(max - x) + acc_t(1);
       max = x;
@@ -127,26 +132,6 @@ struct OnlineLse {
     const acc_t m = other.max > max ? other.max : max;
     sum = sum * std::exp(max - m) + other.sum * std::exp(other.max - m);
     max = m;
-  }
-};
-
-// Running argmax of the margin-free cosine; ties go to the lower class index.
-template <typename acc_t>
-struct ArgMax {
-  acc_t value = -std::numeric_limits<acc_t>::infinity();
-  int64_t index = -1;
-
-  C10_HOST_DEVICE void push(acc_t v, int64_t i) {
-    if (v > value || (v == value && i < index) || index < 0) {
-      value = v;
-      index = i;
-    }
-  }
-
-  C10_HOST_DEVICE void merge(const ArgMax& other) {
-    if (other.index >= 0) {
-      push(other.value, other.index);
-    }
   }
 };
 

@@ -2,30 +2,50 @@
 
 from facekernels._extension import build_info
 from facekernels.version import __version__
-from facekernels.ops import center_loss, margin_softmax_loss, sphereface_loss
+from facekernels.ops import (
+    center_loss,
+    contrastive_loss,
+    margin_softmax_loss,
+    mine_triplets,
+    pairwise_distance,
+    sphereface_loss,
+    triplet_margin_loss,
+)
 from facekernels.losses import (
     ArcFaceLoss,
     CenterLoss,
     CombinedMarginLoss,
+    ContrastiveLoss,
     CosFaceLoss,
+    JointIdentificationVerificationLoss,
     L2SoftmaxLoss,
     SoftmaxLoss,
     SphereFaceLoss,
+    TripletMarginLoss,
 )
+from facekernels.miners import TripletMiner
 from facekernels import reference
 
 __all__ = [
     "__version__",
     "build_info",
     "center_loss",
+    "contrastive_loss",
     "margin_softmax_loss",
+    "mine_triplets",
+    "pairwise_distance",
     "sphereface_loss",
+    "triplet_margin_loss",
     "ArcFaceLoss",
     "CenterLoss",
     "CombinedMarginLoss",
+    "ContrastiveLoss",
     "CosFaceLoss",
+    "JointIdentificationVerificationLoss",
     "L2SoftmaxLoss",
     "SoftmaxLoss",
     "SphereFaceLoss",
+    "TripletMarginLoss",
+    "TripletMiner",
     "reference",
 ]

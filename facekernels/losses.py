@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from facekernels.ops.center_loss import center_loss
+from facekernels.ops.contrastive import double_margin_contrastive_loss, verification_loss
 from facekernels.ops.margin_softmax import check_modes, fused_margin_loss
+from facekernels.ops.triplet import DISTANCES, MINING, REDUCTIONS, check_choice, triplet_margin_loss
 
 _CENTER_UPDATES = ("paper", "gradient")
 
@@ -221,3 +223,69 @@ class SoftmaxLoss(_MarginSoftmaxHead):
 
     def __init__(self, num_classes, embedding_size, reduction="mean", chunk_size=None):
         super().__init__(num_classes, embedding_size, 1.0, "exact", reduction, chunk_size)
+
+
+class TripletMarginLoss(nn.Module):
+    """FaceNet's triplet loss (Schroff et al. 2015) with pytorch-metric-learning's
+    semantics; without indices_tuple the triplets are mined (``mining``, same margin) and
+    the loss evaluated in one fused pass with no triplet list. See
+    facekernels.ops.triplet.triplet_margin_loss.
+
+    ``loss = criterion(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``
+    """
+
+    def __init__(self, margin=0.2, mining="all", distance="euclidean", reduction="mean_nonzero",
+                 swap=False, smooth=False, normalize_embeddings=True):
+        super().__init__()
+        check_choice("TripletMarginLoss", "mining", mining, MINING)
+        check_choice("TripletMarginLoss", "distance", distance, DISTANCES)
+        check_choice("TripletMarginLoss", "reduction", reduction, REDUCTIONS)
+        self.margin, self.mining, self.distance = margin, mining, distance
+        self.reduction, self.swap, self.smooth = reduction, swap, smooth
+        self.normalize_embeddings = normalize_embeddings
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return triplet_margin_loss(
+            embeddings, labels, margin=self.margin, mining=self.mining, distance=self.distance,
+            reduction=self.reduction, swap=self.swap, smooth=self.smooth,
+            normalize_embeddings=self.normalize_embeddings, indices_tuple=indices_tuple,
+            ref_emb=ref_emb, ref_labels=ref_labels,
+        )
+
+
+class ContrastiveLoss(nn.Module):
+    """The double-margin contrastive loss, equal to pytorch-metric-learning's
+    ContrastiveLoss: positives relu(d - pos_margin), negatives relu(neg_margin - d), each
+    averaged over its non-zero terms, summed. ``loss = criterion(embeddings, labels)``."""
+
+    def __init__(self, pos_margin=0.0, neg_margin=1.0, distance="euclidean",
+                 normalize_embeddings=True):
+        super().__init__()
+        check_choice("ContrastiveLoss", "distance", distance, DISTANCES)
+        self.pos_margin, self.neg_margin = pos_margin, neg_margin
+        self.distance, self.normalize_embeddings = distance, normalize_embeddings
+
+    def forward(self, embeddings, labels=None, indices_tuple=None):
+        return double_margin_contrastive_loss(
+            embeddings, labels, pos_margin=self.pos_margin, neg_margin=self.neg_margin,
+            distance=self.distance, normalize_embeddings=self.normalize_embeddings,
+            indices_tuple=indices_tuple,
+        )
+
+
+class JointIdentificationVerificationLoss(SoftmaxLoss):
+    """DeepID2 (Sun et al. 2014): softmax cross entropy on a linear classifier (``.weight``
+    [C, D], no bias, fused) plus verification_weight times the verification loss over the
+    batch's pairs: 1/2 d^2 for one identity, 1/2 max(0, margin - d)^2 for two."""
+
+    def __init__(self, num_classes, embedding_size, margin=1.0, verification_weight=0.05,
+                 chunk_size=None):
+        super().__init__(num_classes, embedding_size, chunk_size=chunk_size)
+        self.margin = margin
+        self.verification_weight = verification_weight
+
+    def forward(self, embeddings, labels, return_predictions=False):
+        identification = super().forward(embeddings, labels, return_predictions)
+        loss = identification[0] if return_predictions else identification
+        loss = loss + self.verification_weight * verification_loss(embeddings, labels, self.margin)
+        return (loss, identification[1]) if return_predictions else loss

@@ -293,6 +293,15 @@ def test_torch_compile_fullgraph(device):
         assert_close(compiled_w, eager_w)
 
 
+def test_compiled_bad_label_gives_nan_not_a_silent_loss():
+    torch._dynamo.reset()
+    x, w, y = make_batch(6, 8, 10, "cpu")
+    compiled = torch.compile(facekernels.margin_softmax_loss, fullgraph=True)
+    assert torch.isfinite(compiled(x, w, y))
+    y[2] = 10
+    assert torch.isnan(compiled(x, w, y))
+
+
 BAD_INPUTS = [
     ("label >= C", lambda x, w, y: (x, w, y.index_fill(0, torch.tensor([2], device=y.device), 21)),
      ValueError, r"labels must be int64 with values in \[0, 21\), got max 21"),
@@ -320,7 +329,9 @@ def test_bad_input_is_a_clear_error(device, case):
     (dict(reduction="avg"), "reduction must be one of"),
     (dict(gradient="straight"), "gradient must be one of"),
     (dict(chunk_size=0), "chunk_size must be a positive int"),
-    (dict(scale=-1.0), "scale must be a number"),
+    (dict(scale=-1.0), "scale must be a finite number"),
+    (dict(scale=float("inf")), "scale must be a finite number"),
+    (dict(m2=float("nan")), "m2 must be a finite number"),
 ])
 def test_bad_options_are_errors(kwargs, message):
     x, w, y = make_batch(4, 3, 5, "cpu")

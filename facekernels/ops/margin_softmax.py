@@ -116,9 +116,10 @@ torch.library.register_autograd(
 )
 
 
-def _number(name, value, low=-math.inf, high=math.inf):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{_OP}: {name} must be a number in [{low}, {high}], got {value!r}")
+def _number(name, value, low=-math.inf):
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or value < low):
+        raise ValueError(f"{_OP}: {name} must be a finite number >= {low}, got {value!r}")
     return float(value)
 
 
@@ -147,10 +148,11 @@ def fused_margin_loss(
         chunk_size = default_chunk_size(embeddings.shape[0], embeddings.device)
     elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
         _check_label_range(labels, weight.shape[0])
     device_type = embeddings.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and embeddings.dtype == torch.float32:
         # The GEMMs run in the autocast dtype; the weight's chunks are cast inside the op,
         # so an fp32 master weight is never copied whole, and its gradient stays fp32.
         embeddings = embeddings.to(torch.get_autocast_dtype(device_type))
@@ -170,6 +172,11 @@ def fused_margin_loss(
         chunk_size,
     )
     loss = lse - target_logit
+    if compiling:
+        # A data check would break the graph: a label outside [0, C) makes the loss NaN
+        # instead of silently dropping its target.
+        in_range = ((labels >= 0) & (labels < weight.shape[0])).all()
+        loss = torch.where(in_range, loss, torch.nan)
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":
