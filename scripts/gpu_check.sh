@@ -23,7 +23,9 @@ echo "build: rc=$build_rc in ${build_s}s (log: $out/build.log)"
 "$python" -m pytest tests -q -p no:cacheprovider --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
-"$python" -m pytest benchmarks -k cuda --benchmark-only -q -p no:cacheprovider \
+# GPU benchmarks: every center-loss and triplet shape, ArcFace at N=512 (C = 100K and 1M).
+"$python" -m pytest benchmarks -k "cuda and (center_loss or triplet or 512-512)" \
+  --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$out/benchmarks.json" 2>&1 | tee "$out/benchmarks.log" \
   | sed -n '/facekernels vs the alternatives/,/^$/p'
 bench_rc=${PIPESTATUS[0]}
