@@ -17,18 +17,21 @@ TORCH_LIBRARY(facekernels, m) {
       "bool centers_grad) -> (Tensor grad_embeddings, Tensor grad_centers)");
 
   // Margin-softmax cross entropy over classes chunked chunk_size at a time: per row the
-  // log-sum-exp of all logits, the target logit (0 when the label is outside
-  // [0, num_classes): a class shard without the row's class), and the argmax of the
-  // margin-free cosine. margin_kind 0: target s (cos(m1 theta + m2) - m3); 1: SphereFace,
-  // s (psi_m1(theta) + lambda cos) / (1 + lambda). The loss is lse - target_logit.
+  // largest logit and log sum_j exp(logit_j - row_max) (a class shard's part of the
+  // log-sum-exp), the target logit (0 when the label is outside [0, num_classes): a shard
+  // without the row's class), and the argmax of the margin-free cosine. margin_kind 0:
+  // target s (cos(m1 theta + m2) - m3); 1: SphereFace, s (psi_m1(theta) + lambda cos) /
+  // (1 + lambda). The loss is log_sum + (row_max - target_logit); row_max is a constant
+  // for autograd (the loss does not depend on it).
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float scale, "
       "float m1, float m2, float m3, float sphere_lambda, int margin_kind, bool exact_gradient, "
-      "bool normalize_embeddings, bool normalize_weight, int chunk_size) -> (Tensor lse, "
-      "Tensor target_logit, Tensor best_cosine, Tensor predicted)");
+      "bool normalize_embeddings, bool normalize_weight, int chunk_size) -> (Tensor row_max, "
+      "Tensor log_sum, Tensor target_logit, Tensor best_cosine, Tensor predicted)");
   m.def(
-      "margin_softmax_backward(Tensor grad_lse, Tensor grad_target, Tensor embeddings, "
-      "Tensor weight, Tensor labels, Tensor lse, float scale, float m1, float m2, float m3, "
+      "margin_softmax_backward(Tensor grad_log_sum, Tensor grad_target, Tensor embeddings, "
+      "Tensor weight, Tensor labels, Tensor row_max, Tensor log_sum, float scale, float m1, "
+      "float m2, float m3, "
       "float sphere_lambda, int margin_kind, bool exact_gradient, bool normalize_embeddings, "
       "bool normalize_weight, int chunk_size) -> (Tensor grad_embeddings, Tensor grad_weight)");
 

@@ -79,7 +79,7 @@ WeightChunk weight_chunk(const at::Tensor& weight, int64_t start, int64_t length
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const MarginOptions& options, ForwardEpilogue epilogue) {
   // Dtypes are chosen here (GEMMs in the embeddings' dtype): autocast must not re-cast.
@@ -101,14 +101,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
     const at::Tensor z = at::matmul(unit, chunk.rows.t()).contiguous();
     epilogue(z, start, labels_c, scales, options, state);
   }
-  at::Tensor lse = state.row_max + state.row_sum.log();
-  return {lse, state.target_logit, state.best_cosine, state.predicted};
+  return {state.row_max, state.row_sum.log(), state.target_logit, state.best_cosine,
+          state.predicted};
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
-    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings,
-    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
-    const MarginOptions& options, BackwardEpilogue epilogue) {
+    const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
+    const at::Tensor& log_sum, const MarginOptions& options, BackwardEpilogue epilogue) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, options);
   const at::ScalarType dtype = embeddings.scalar_type();
@@ -120,12 +120,14 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, kOp, ": ", name, " must have shape [", n,
                       "], got ", t.sizes());
   };
-  check_row_vector("grad_lse", grad_lse);
+  check_row_vector("grad_log_sum", grad_log_sum);
   check_row_vector("grad_target", grad_target);
-  check_row_vector("lse", lse);
-  const at::Tensor grad_lse_c = grad_lse.to(acc).contiguous();
+  check_row_vector("row_max", row_max);
+  check_row_vector("log_sum", log_sum);
+  const at::Tensor grad_log_sum_c = grad_log_sum.to(acc).contiguous();
   const at::Tensor grad_target_c = grad_target.to(acc).contiguous();
-  const at::Tensor lse_c = lse.to(acc).contiguous();
+  const at::Tensor row_max_c = row_max.to(acc).contiguous();
+  const at::Tensor log_sum_c = log_sum.to(acc).contiguous();
   const at::Tensor labels_c = labels.contiguous();
 
   at::Tensor grad_unit = at::zeros({n, embeddings.size(1)}, acc);
@@ -135,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(weight, start, length, dtype, options);
     at::Tensor dz = at::matmul(unit, chunk.rows.t()).contiguous();
-    epilogue(dz, start, labels_c, scales, lse_c, grad_lse_c, grad_target_c, options, scale_grad);
+    epilogue(dz, start, labels_c, scales, row_max_c, log_sum_c, grad_log_sum_c, grad_target_c,
+             options, scale_grad);
     grad_unit.add_(at::matmul(dz, chunk.rows));
     const at::Tensor grad_rows = at::matmul(dz.t(), unit).to(acc.dtype());
     grad_weight.narrow(0, start, length)

@@ -84,20 +84,22 @@ struct Margin {
   }
 };
 
-// Backward of one logit. With p = exp(logit - lse), dL/dlogit = g_lse p + g_target [target].
+// Backward of one logit. The row's log-sum-exp is row_max + log_sum; with
+// p = exp(logit - row_max - log_sum), dL/dlogit = g_log_sum p + g_target [target].
 // Returns dL/dz; adds dL/dlogit * logit / s (= dL/ds for the row) to `scale_grad`.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t margin_logit_backward(const Margin<acc_t>& margin, acc_t z,
-                                                   bool is_target, acc_t row_scale, acc_t lse,
-                                                   acc_t grad_lse, acc_t grad_target,
+                                                   bool is_target, acc_t row_scale,
+                                                   acc_t row_max, acc_t log_sum,
+                                                   acc_t grad_log_sum, acc_t grad_target,
                                                    acc_t& scale_grad) {
   const acc_t c = margin.cosine(z);
   acc_t value = c, slope = acc_t(1);
   if (is_target) {
     margin.target(c, value, slope);
   }
-  const acc_t p = std::exp(row_scale * value - lse);
-  const acc_t grad_logit = grad_lse * p + (is_target ? grad_target : acc_t(0));
+  const acc_t p = std::exp((row_scale * value - row_max) - log_sum);
+  const acc_t grad_logit = grad_log_sum * p + (is_target ? grad_target : acc_t(0));
   scale_grad += grad_logit * value;
   return grad_logit * row_scale * slope * margin.cosine_slope(z);
 }
@@ -163,20 +165,22 @@ using ForwardEpilogue = void (*)(const at::Tensor& z, int64_t class_start,
 
 // Overwrites z [N, len] with dL/dz and adds each row's dL/ds into scale_grad [N].
 using BackwardEpilogue = void (*)(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
-                                  const at::Tensor& row_scale, const at::Tensor& lse,
-                                  const at::Tensor& grad_lse, const at::Tensor& grad_target,
-                                  const MarginOptions& options, at::Tensor& scale_grad);
+                                  const at::Tensor& row_scale, const at::Tensor& row_max,
+                                  const at::Tensor& log_sum, const at::Tensor& grad_log_sum,
+                                  const at::Tensor& grad_target, const MarginOptions& options,
+                                  at::Tensor& scale_grad);
 
 // The device-neutral chunk loops (margin_softmax.cpp); each device passes its epilogue.
-// Forward returns (lse, target_logit, best_cosine, predicted), each [N].
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
+// Forward returns (row_max, log_sum, target_logit, best_cosine, predicted), each [N]: the
+// loss is log_sum + (row_max - target_logit), which keeps a small loss accurate.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const MarginOptions& options, ForwardEpilogue epilogue);
 
 // Returns (grad_embeddings, grad_weight).
 std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
-    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings,
-    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
-    const MarginOptions& options, BackwardEpilogue epilogue);
+    const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
+    const at::Tensor& log_sum, const MarginOptions& options, BackwardEpilogue epilogue);
 
 }  // namespace facekernels

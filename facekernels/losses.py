@@ -289,3 +289,18 @@ class JointIdentificationVerificationLoss(SoftmaxLoss):
         loss = identification[0] if return_predictions else identification
         loss = loss + self.verification_weight * verification_loss(embeddings, labels, self.margin)
         return (loss, identification[1]) if return_predictions else loss
+
+
+class RingLoss(nn.Module):
+    """Ring loss (Zheng et al. 2018): loss_weight / (2N) * sum_i (|x_i| - R)^2 with the
+    radius R learned, added to a softmax loss to pull feature norms to one ring.
+    Elementwise, so plain PyTorch: there is nothing to fuse."""
+
+    def __init__(self, loss_weight=0.01, radius=1.0):
+        super().__init__()
+        self.loss_weight = loss_weight
+        self.radius = nn.Parameter(torch.tensor(float(radius)))
+
+    def forward(self, embeddings):
+        norms = torch.linalg.vector_norm(embeddings, dim=1)
+        return self.loss_weight / (2 * embeddings.shape[0]) * (norms - self.radius).square().sum()

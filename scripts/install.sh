@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q torch==2.14.1 setuptools wheel ninja
-.venv/bin/python -m pip install -q --no-build-isolation -e '.[test,bench]'
+.venv/bin/python -m pip install -q --no-build-isolation -e '.[test,bench,plot]'
 .venv/bin/python -c 'import json, facekernels; print("facekernels build:", json.dumps(facekernels.build_info()))'

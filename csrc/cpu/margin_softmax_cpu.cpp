@@ -50,9 +50,10 @@ void forward_epilogue_cpu(const at::Tensor& z, int64_t class_start, const at::Te
 }
 
 void backward_epilogue_cpu(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
-                           const at::Tensor& row_scale, const at::Tensor& lse,
-                           const at::Tensor& grad_lse, const at::Tensor& grad_target,
-                           const MarginOptions& options, at::Tensor& scale_grad) {
+                           const at::Tensor& row_scale, const at::Tensor& row_max,
+                           const at::Tensor& log_sum, const at::Tensor& grad_log_sum,
+                           const at::Tensor& grad_target, const MarginOptions& options,
+                           at::Tensor& scale_grad) {
   const int64_t n = z.size(0), length = z.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_backward_cpu", [&] {
@@ -61,8 +62,9 @@ void backward_epilogue_cpu(at::Tensor& z, int64_t class_start, const at::Tensor&
         scalar_t* zp = z.mutable_data_ptr<scalar_t>();
         const int64_t* label = labels.const_data_ptr<int64_t>();
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
-        const acc_t* row_lse = lse.const_data_ptr<acc_t>();
-        const acc_t* g_lse = grad_lse.const_data_ptr<acc_t>();
+        const acc_t* max = row_max.const_data_ptr<acc_t>();
+        const acc_t* lsum = log_sum.const_data_ptr<acc_t>();
+        const acc_t* g_lsum = grad_log_sum.const_data_ptr<acc_t>();
         const acc_t* g_target = grad_target.const_data_ptr<acc_t>();
         acc_t* s_grad = scale_grad.mutable_data_ptr<acc_t>();
         at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
@@ -72,8 +74,8 @@ void backward_epilogue_cpu(at::Tensor& z, int64_t class_start, const at::Tensor&
             acc_t row_scale_grad = 0;
             for (int64_t j = 0; j < length; ++j) {
               row[j] = static_cast<scalar_t>(margin_logit_backward<acc_t>(
-                  margin, static_cast<acc_t>(row[j]), j == target, scale[i], row_lse[i],
-                  g_lse[i], g_target[i], row_scale_grad));
+                  margin, static_cast<acc_t>(row[j]), j == target, scale[i], max[i], lsum[i],
+                  g_lsum[i], g_target[i], row_scale_grad));
             }
             s_grad[i] += row_scale_grad;
           }
@@ -81,7 +83,7 @@ void backward_epilogue_cpu(at::Tensor& z, int64_t class_start, const at::Tensor&
       });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     double scale, double m1, double m2, double m3, double lambda, int64_t kind,
     bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
@@ -93,12 +95,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
-    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings,
-    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse, double scale,
-    double m1, double m2, double m3, double lambda, int64_t kind, bool exact_gradient,
-    bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
+    const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
+    const at::Tensor& log_sum, double scale, double m1, double m2, double m3, double lambda,
+    int64_t kind, bool exact_gradient, bool normalize_embeddings, bool normalize_weight,
+    int64_t chunk_size) {
   return margin_softmax_backward_impl(
-      grad_lse, grad_target, embeddings, weight, labels, lse,
+      grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
        chunk_size},
       &backward_epilogue_cpu);

@@ -71,18 +71,21 @@ template <typename scalar_t, typename acc_t>
 __global__ void backward_epilogue_kernel(scalar_t* __restrict__ z, int64_t length,
                                          int64_t class_start, const int64_t* __restrict__ labels,
                                          const acc_t* __restrict__ row_scale,
-                                         const acc_t* __restrict__ lse,
-                                         const acc_t* __restrict__ grad_lse,
+                                         const acc_t* __restrict__ row_max,
+                                         const acc_t* __restrict__ log_sum,
+                                         const acc_t* __restrict__ grad_log_sum,
                                          const acc_t* __restrict__ grad_target,
                                          Margin<acc_t> margin, acc_t* __restrict__ scale_grad) {
   const int64_t i = blockIdx.x;
   scalar_t* row = z + i * length;
   const int64_t target = labels[i] - class_start;
-  const acc_t scale = row_scale[i], row_lse = lse[i], g_lse = grad_lse[i], g_target = grad_target[i];
+  const acc_t scale = row_scale[i], max = row_max[i], lsum = log_sum[i];
+  const acc_t g_lsum = grad_log_sum[i], g_target = grad_target[i];
   acc_t mine = 0;
   for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
     row[j] = static_cast<scalar_t>(margin_logit_backward<acc_t>(
-        margin, static_cast<acc_t>(row[j]), j == target, scale, row_lse, g_lse, g_target, mine));
+        margin, static_cast<acc_t>(row[j]), j == target, scale, max, lsum, g_lsum, g_target,
+        mine));
   }
   using Reduce = cub::BlockReduce<acc_t, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
@@ -112,9 +115,10 @@ void forward_epilogue_cuda(const at::Tensor& z, int64_t class_start, const at::T
 }
 
 void backward_epilogue_cuda(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
-                            const at::Tensor& row_scale, const at::Tensor& lse,
-                            const at::Tensor& grad_lse, const at::Tensor& grad_target,
-                            const MarginOptions& options, at::Tensor& scale_grad) {
+                            const at::Tensor& row_scale, const at::Tensor& row_max,
+                            const at::Tensor& log_sum, const at::Tensor& grad_log_sum,
+                            const at::Tensor& grad_target, const MarginOptions& options,
+                            at::Tensor& scale_grad) {
   const int64_t n = z.size(0), length = z.size(1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -122,14 +126,15 @@ void backward_epilogue_cuda(at::Tensor& z, int64_t class_start, const at::Tensor
         using acc_t = at::opmath_type<scalar_t>;
         backward_epilogue_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
             z.mutable_data_ptr<scalar_t>(), length, class_start, labels.const_data_ptr<int64_t>(),
-            row_scale.const_data_ptr<acc_t>(), lse.const_data_ptr<acc_t>(),
-            grad_lse.const_data_ptr<acc_t>(), grad_target.const_data_ptr<acc_t>(),
+            row_scale.const_data_ptr<acc_t>(), row_max.const_data_ptr<acc_t>(),
+            log_sum.const_data_ptr<acc_t>(), grad_log_sum.const_data_ptr<acc_t>(),
+            grad_target.const_data_ptr<acc_t>(),
             options.margin<acc_t>(), scale_grad.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     double scale, double m1, double m2, double m3, double lambda, int64_t kind,
     bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
@@ -142,13 +147,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
-    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings,
-    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse, double scale,
-    double m1, double m2, double m3, double lambda, int64_t kind, bool exact_gradient,
-    bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
+    const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
+    const at::Tensor& log_sum, double scale, double m1, double m2, double m3, double lambda,
+    int64_t kind, bool exact_gradient, bool normalize_embeddings, bool normalize_weight,
+    int64_t chunk_size) {
   const c10::cuda::CUDAGuard guard(embeddings.device());
   return margin_softmax_backward_impl(
-      grad_lse, grad_target, embeddings, weight, labels, lse,
+      grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
        chunk_size},
       &backward_epilogue_cuda);

@@ -75,12 +75,12 @@ def _(embeddings, weight, labels, *options):
     _check_tensors(embeddings, weight, labels)
     n = embeddings.shape[0]
     acc = _accumulate_dtype(embeddings.dtype)
-    rows = [embeddings.new_empty((n,), dtype=acc) for _ in range(3)]
+    rows = [embeddings.new_empty((n,), dtype=acc) for _ in range(4)]
     return (*rows, embeddings.new_empty((n,), dtype=torch.int64))
 
 
 @torch.library.register_fake("facekernels::margin_softmax_backward")
-def _(grad_lse, grad_target, embeddings, weight, labels, lse, *options):
+def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *options):
     return (
         torch.empty_like(embeddings, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
@@ -89,20 +89,21 @@ def _(grad_lse, grad_target, embeddings, weight, labels, lse, *options):
 
 def _setup_context(ctx, inputs, output):
     embeddings, weight, labels, *options = inputs
-    lse, _, best_cosine, predicted = output
-    ctx.save_for_backward(embeddings, weight, labels, lse)
+    row_max, log_sum, _, best_cosine, predicted = output
+    ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum)
     ctx.options = options
-    ctx.mark_non_differentiable(best_cosine, predicted)
+    # row_max only shifts log_sum; the loss log_sum + row_max - target does not depend on it.
+    ctx.mark_non_differentiable(row_max, best_cosine, predicted)
 
 
-def _backward(ctx, grad_lse, grad_target, grad_best, grad_predicted):
-    embeddings, weight, labels, lse = ctx.saved_tensors
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse)
+def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicted):
+    embeddings, weight, labels, row_max, log_sum = ctx.saved_tensors
+    if grad_log_sum is None:
+        grad_log_sum = torch.zeros_like(log_sum)
     if grad_target is None:
-        grad_target = torch.zeros_like(lse)
+        grad_target = torch.zeros_like(log_sum)
     grad_embeddings, grad_weight = torch.ops.facekernels.margin_softmax_backward(
-        grad_lse, grad_target, embeddings, weight, labels, lse, *ctx.options
+        grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *ctx.options
     )
     return (
         grad_embeddings if ctx.needs_input_grad[0] else None,
@@ -156,7 +157,7 @@ def fused_margin_loss(
         # The GEMMs run in the autocast dtype; the weight's chunks are cast inside the op,
         # so an fp32 master weight is never copied whole, and its gradient stays fp32.
         embeddings = embeddings.to(torch.get_autocast_dtype(device_type))
-    lse, target_logit, _, predicted = torch.ops.facekernels.margin_softmax_forward(
+    row_max, log_sum, target_logit, _, predicted = torch.ops.facekernels.margin_softmax_forward(
         embeddings,
         weight,
         labels,
@@ -171,7 +172,9 @@ def fused_margin_loss(
         bool(normalize_weight),
         chunk_size,
     )
-    loss = lse - target_logit
+    # The target is usually the largest logit: subtracting it from the max first keeps a
+    # small loss accurate (lse - target would cancel two large numbers).
+    loss = log_sum + (row_max - target_logit)
     if compiling:
         # A data check would break the graph: a label outside [0, C) makes the loss NaN
         # instead of silently dropping its target.

@@ -1,0 +1,1 @@
+"""The reference trainer: `python -m facekernels.train` (console script facekernels-train)."""

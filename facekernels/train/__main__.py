@@ -1,0 +1,3 @@
+from facekernels.train.cli import main
+
+main()

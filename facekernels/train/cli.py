@@ -1,0 +1,137 @@
+"""facekernels-train: train a compact face CNN with the reference losses and with
+facekernels, side by side, and report parity, speed and face-verification accuracy."""
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import torch
+
+from facekernels.train import baselines
+from facekernels.train.data import image_folder, open_set_split, synthetic_faces
+from facekernels.train.loop import Config, initial_state, train, verification_pairs
+from facekernels.train.objectives import IMPLS, LOSSES, MINING
+
+
+def parse_args(argv):
+    defaults = Config()
+    p = argparse.ArgumentParser(prog="facekernels-train", description=__doc__)
+    p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
+    p.add_argument("--mining", choices=MINING, default=defaults.mining,
+                   help="triplet mining (with --loss triplet)")
+    p.add_argument("--impl", choices=IMPLS + ("both",), default="both")
+    p.add_argument("--data", metavar="DIR",
+                   help="an ImageFolder tree, one folder per person (default: built-in synthetic faces)")
+    p.add_argument("--holdout", type=float, default=0.25, help="fraction of people held out for verification")
+    p.add_argument("--embedding-size", type=int, default=defaults.embedding_size)
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.people_per_batch * defaults.per_person,
+                   help=f"photos per batch, {defaults.per_person} per person")
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none")
+    p.add_argument("--report", metavar="FILE.json")
+    p.add_argument("--plot", metavar="FILE.png")
+    args = p.parse_args(argv)
+    if args.batch_size < 2 * defaults.per_person or args.batch_size % defaults.per_person:
+        p.error(f"--batch-size must be a multiple of {defaults.per_person}, at least {2 * defaults.per_person}")
+    if args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return p, args
+
+
+def summary_table(report):
+    rows = [("impl", "verif. acc", "TAR@FAR=1e-1", "EER", "AUC", "step ms", "loss ms", "peak MB")]
+    for name, run in report["impls"].items():
+        v = run["verification"]
+        rows.append((name, f"{v['accuracy']:.3f} +- {v['accuracy_std']:.3f}",
+                     f"{v['tar_at_far'].get('1e-1', float('nan')):.3f}", f"{v['eer']:.3f}",
+                     f"{v['roc_auc']:.3f}", f"{run['step_ms']:.1f}", f"{run['loss_ms']:.2f}",
+                     f"{run['peak_mem_mb']:.0f}"))
+    for name, v in report["baselines"].items():
+        rows.append((f"baseline: {name}", f"{v['accuracy']:.3f} +- {v['accuracy_std']:.3f}",
+                     f"{v['tar_at_far'].get('1e-1', float('nan')):.3f}", f"{v['eer']:.3f}",
+                     f"{v['roc_auc']:.3f}", "", "", ""))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(report, runs, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise SystemExit(f"--plot needs matplotlib (pip install matplotlib): {error}")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, run in runs.items():
+        left.plot(run.losses, label=name, alpha=0.8)
+        right.plot(*run.roc, label=f"{name} (AUC {run.verification['roc_auc']:.3f})")
+    left.set(title=f"training loss ({report['loss']})", xlabel="step", ylabel="loss")
+    right.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    right.set(title="ROC, held-out people", xlabel="false accept rate", ylabel="true accept rate")
+    left.legend()
+    right.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser, args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        faces = image_folder(args.data) if args.data else synthetic_faces(seed=args.seed)
+        train_set, held_out = open_set_split(faces, args.holdout, args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    config = Config(loss=args.loss, mining=args.mining, embedding_size=args.embedding_size,
+                    epochs=args.epochs, people_per_batch=args.batch_size // Config.per_person,
+                    lr=args.lr, seed=args.seed, device=args.device, amp=args.amp)
+    config.people_per_batch = min(config.people_per_batch, train_set.num_people)
+    source = args.data or "built-in synthetic faces"
+    print(f"data: {source}: {faces.num_people} people, {len(faces.labels)} photos; "
+          f"training on {train_set.num_people} people, verifying on {held_out.num_people} held-out people")
+
+    state = initial_state(config, train_set.num_people)
+    impls = IMPLS if args.impl == "both" else (args.impl,)
+    runs = {impl: train(config, train_set, held_out, impl, state, parity=impl == "facekernels")
+            for impl in impls}
+    pairs = verification_pairs(held_out, args.seed)
+    report = {
+        "loss": args.loss if args.loss != "triplet" else f"triplet ({args.mining})",
+        "data": source,
+        "config": dataclasses.asdict(config),
+        "impls": {impl: run.to_json() for impl, run in runs.items()},
+        "baselines": {"raw_pixels": baselines.raw_pixels(held_out, pairs),
+                      "eigenfaces": baselines.eigenfaces(train_set, held_out, pairs)},
+    }
+    if "facekernels" in runs:
+        report["parity"] = dataclasses.asdict(runs["facekernels"].parity)
+    if len(runs) == 2:
+        report["speedup"] = runs["reference"].step_ms / runs["facekernels"].step_ms
+        report["loss_speedup"] = runs["reference"].loss_ms / runs["facekernels"].loss_ms
+
+    print()
+    print(summary_table(report))
+    if "parity" in report:
+        p = report["parity"]
+        print(f"\nparity (every step, same batch and parameters): max |loss diff| "
+              f"{p['max_abs_loss_diff']:.2e}, max relative loss diff {p['max_rel_loss_diff']:.2e}, "
+              f"max relative gradient diff {p['max_rel_grad_diff']:.2e}")
+    if "speedup" in report:
+        print(f"speed-up of a whole training step: {report['speedup']:.2f}x; "
+              f"of the loss forward + backward alone: {report['loss_speedup']:.2f}x")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"report: {args.report}")
+    if args.plot:
+        plot(report, runs, args.plot)
+        print(f"plot: {args.plot}")
+    return report

@@ -1,0 +1,211 @@
+"""One training run, and the per-step parity check of the fused losses against the
+reference formulas on the very same batch and parameters."""
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from facekernels.eval import make_pairs, pair_scores, roc_curve, verification_report
+from facekernels.train.data import augment, center_crop, identity_batches
+from facekernels.train.model import EmbeddingNet
+from facekernels.train.objectives import Objective
+
+
+@dataclass
+class Config:
+    loss: str = "arcface"
+    mining: str = "all"
+    embedding_size: int = 128
+    epochs: int = 40
+    people_per_batch: int = 16
+    per_person: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "none"
+
+
+@dataclass
+class Parity:
+    """Largest differences between the fused and the reference loss over a run."""
+
+    max_abs_loss_diff: float = 0.0
+    max_rel_loss_diff: float = 0.0
+    max_rel_grad_diff: float = 0.0
+
+    def update(self, fused_loss, reference_loss, fused_grads, reference_grads):
+        diff = abs(float(fused_loss) - float(reference_loss))
+        self.max_abs_loss_diff = max(self.max_abs_loss_diff, diff)
+        self.max_rel_loss_diff = max(self.max_rel_loss_diff, diff / max(abs(float(reference_loss)), 1e-12))
+        for got, want in zip(fused_grads, reference_grads):
+            # Normwise: the largest element error relative to the largest element.
+            scale = max(float(want.abs().max()), 1e-12)
+            self.max_rel_grad_diff = max(self.max_rel_grad_diff, float((got - want).abs().max()) / scale)
+
+
+@dataclass
+class RunResult:
+    losses: list = field(default_factory=list)
+    accuracy: list = field(default_factory=list)  # training accuracy per step, if a classifier
+    step_ms: float = 0.0
+    loss_ms: float = 0.0
+    peak_mem_mb: float = 0.0
+    verification: dict = field(default_factory=dict)
+    roc: tuple = ()
+    parity: Parity = None
+
+    def to_json(self):
+        return {
+            "losses": self.losses,
+            "train_accuracy": self.accuracy,
+            "step_ms": self.step_ms,
+            "loss_ms": self.loss_ms,
+            "peak_mem_mb": self.peak_mem_mb,
+            "verification": self.verification,
+        }
+
+
+def _reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set (VmHWM)
+
+
+def _peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def initial_state(config, num_classes):
+    """Model and loss parameters both runs start from."""
+    torch.manual_seed(config.seed)
+    model = EmbeddingNet(config.embedding_size)
+    objective = Objective(config.loss, num_classes, config.embedding_size, config.mining)
+    return model.state_dict(), objective.state_dict()
+
+
+def _check_parity(objective, embeddings, labels, parity):
+    """Reference loss and gradients on this step's batch and the current parameters,
+    computed before the fused call (which may move state such as centers)."""
+    stand_ins = {name: t.detach().clone().requires_grad_(t.requires_grad)
+                 for name, t in objective.tensors().items()}
+    e = embeddings.detach().clone().requires_grad_()
+    loss = objective.reference_loss(e, labels, stand_ins)
+    inputs = [e] + [t for t in stand_ins.values() if t.requires_grad]
+    grads = torch.autograd.grad(loss, inputs)
+    names = [name for name, t in stand_ins.items() if t.requires_grad]
+    return loss.detach(), grads, names
+
+
+def train(config, train_set, held_out, impl, state, parity=False):
+    """Trains from `state` with `impl` ("reference" or "facekernels") and evaluates
+    verification on the held-out people. With parity, every step also runs the reference
+    formulas on the same batch (excluded from the timings)."""
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    model = EmbeddingNet(config.embedding_size).to(device)
+    objective = Objective(config.loss, train_set.num_people, config.embedding_size, config.mining).to(device)
+    model.load_state_dict(state[0])
+    objective.load_state_dict(state[1])
+    params = list(model.parameters()) + list(objective.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = sum(1 for _ in identity_batches(
+        train_set.labels, config.people_per_batch, config.per_person, torch.Generator()))
+    total = config.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total, pct_start=0.15)
+    generator = torch.Generator().manual_seed(config.seed)
+    images, labels = train_set.images, train_set.labels
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
+
+    result = RunResult(parity=Parity() if parity else None)
+    step_seconds = loss_seconds = 0.0
+    _reset_peak_memory(device)
+    bar = tqdm(total=total, desc=f"{config.loss} [{impl}]")
+    model.train()
+    objective.train()
+    for _ in range(config.epochs):
+        for batch in identity_batches(labels, config.people_per_batch, config.per_person, generator):
+            x = augment(images[batch], generator).to(device)
+            y = labels[batch].to(device)
+            _sync(device)
+            start = time.perf_counter()
+            with autocast():
+                embeddings = model(x)
+            e = embeddings.detach().float().requires_grad_()
+            if parity:
+                _sync(device)
+                paused = time.perf_counter()
+                expected, expected_grads, names = _check_parity(objective, e, y, result.parity)
+                _sync(device)
+                start += time.perf_counter() - paused
+            _sync(device)
+            loss_start = time.perf_counter()
+            with autocast():
+                loss, predicted = objective(e, y, impl)
+            loss.backward()
+            _sync(device)
+            loss_seconds += time.perf_counter() - loss_start
+            if parity:
+                by_name = dict(objective.tensors())
+                result.parity.update(loss.detach(), expected, [e.grad] + [by_name[n].grad for n in names],
+                                     expected_grads)
+            embeddings.backward(e.grad.to(embeddings.dtype))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            _sync(device)
+            step_seconds += time.perf_counter() - start
+            result.losses.append(float(loss))
+            if predicted is not None:
+                result.accuracy.append(float((predicted == y).float().mean()))
+            postfix = {"loss": f"{result.losses[-1]:.3f}"}
+            if result.accuracy:
+                postfix["acc"] = f"{result.accuracy[-1]:.2f}"
+            bar.set_postfix(postfix)
+            bar.update()
+    bar.close()
+    result.peak_mem_mb = _peak_memory_mb(device)
+    result.step_ms = 1e3 * step_seconds / total
+    result.loss_ms = 1e3 * loss_seconds / total
+    result.verification, result.roc = evaluate(model, held_out, device, config.seed)
+    return result
+
+
+@torch.no_grad()
+def embed(model, images, device, batch=256):
+    model.eval()
+    chunks = [model(center_crop(images[i:i + batch]).to(device)).float().cpu()
+              for i in range(0, len(images), batch)]
+    return torch.cat(chunks)
+
+
+def verification_pairs(held_out, seed):
+    """The held-out people's verification pairs, the same for every run and baseline."""
+    return make_pairs(held_out.labels, generator=torch.Generator().manual_seed(seed))
+
+
+def evaluate(model, held_out, device, seed):
+    """10-fold verification on pairs of held-out people, and the ROC curve."""
+    i, j, same = verification_pairs(held_out, seed)
+    scores = pair_scores(embed(model, held_out.images, device), i, j)
+    fpr, tpr, _ = roc_curve(scores, same)
+    return verification_report(scores, same), (fpr.tolist(), tpr.tolist())

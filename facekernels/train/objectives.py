@@ -1,0 +1,121 @@
+"""The trainer's losses, each runnable two ways on the same parameters: through facekernels'
+fused modules or through the pure-PyTorch reference functions."""
+
+import torch
+from torch import nn
+
+import facekernels
+from facekernels import reference
+
+LOSSES = ("softmax", "l2softmax", "ring", "center", "sphereface", "cosface", "arcface",
+          "combined", "contrastive", "triplet", "deepid2")
+MINING = ("all", "semihard", "hard", "batch_hard", "facenet")
+IMPLS = ("reference", "facekernels")
+
+CENTER_WEIGHT = 0.01  # lambda of softmax + lambda * center loss (Wen et al. use 0.003-0.01)
+MARGIN_SCALE = 30.0  # s for the margin losses: 64 is tuned for millions of faces, not 30 people
+
+
+class Objective(nn.Module):
+    """One loss of the LOSSES list over `num_classes` training identities.
+
+    forward(embeddings, labels, impl) -> (loss, predicted classes or None)
+    reference_loss(embeddings, labels, tensors): the reference formula on the given
+        stand-ins for the parameters (see tensors()), free of side effects, for parity.
+    """
+
+    def __init__(self, loss, num_classes, embedding_size, mining="all"):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {LOSSES}, got {loss!r}")
+        if mining not in MINING:
+            raise ValueError(f"--mining must be one of {MINING}, got {mining!r}")
+        self.loss, self.mining = loss, mining
+        c, d = num_classes, embedding_size
+        heads = {
+            "softmax": lambda: facekernels.SoftmaxLoss(c, d),
+            "l2softmax": lambda: facekernels.L2SoftmaxLoss(c, d, alpha=16.0),
+            "ring": lambda: facekernels.SoftmaxLoss(c, d),
+            "center": lambda: facekernels.SoftmaxLoss(c, d),
+            "sphereface": lambda: facekernels.SphereFaceLoss(c, d, margin=2, lambda_base=100.0,
+                                                             lambda_min=5.0),
+            "cosface": lambda: facekernels.CosFaceLoss(c, d, margin=0.35, scale=MARGIN_SCALE),
+            "arcface": lambda: facekernels.ArcFaceLoss(c, d, margin=0.3, scale=MARGIN_SCALE),
+            "combined": lambda: facekernels.CombinedMarginLoss(c, d, m1=1.0, m2=0.2, m3=0.1,
+                                                               scale=MARGIN_SCALE),
+            "contrastive": lambda: facekernels.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0),
+            "triplet": lambda: facekernels.TripletMarginLoss(margin=0.2, mining=mining),
+            "deepid2": lambda: facekernels.JointIdentificationVerificationLoss(
+                c, d, margin=1.0, verification_weight=0.05),
+        }
+        self.head = heads[loss]()
+        if loss == "ring":
+            self.ring = facekernels.RingLoss(loss_weight=0.01)
+        if loss == "center":
+            self.center = facekernels.CenterLoss(c, d, alpha=0.5)
+
+    def tensors(self):
+        """The loss's parameters and state that the reference formula reads."""
+        found = {}
+        if hasattr(self.head, "weight"):
+            found["weight"] = self.head.weight
+        if self.loss == "ring":
+            found["radius"] = self.ring.radius
+        if self.loss == "center":
+            found["centers"] = self.center.centers
+        return found
+
+    def forward(self, embeddings, labels, impl):
+        if impl == "facekernels":
+            return self._fused(embeddings, labels)
+        if impl != "reference":
+            raise ValueError(f"--impl must be one of {IMPLS}, got {impl!r}")
+        tensors = self.tensors()
+        loss = self.reference_loss(embeddings, labels, tensors)
+        if self.training and self.loss == "center":
+            with torch.no_grad():
+                self.center.centers.copy_(reference.center_loss_update(
+                    self.center.centers, embeddings, labels, self.center.alpha))
+        if self.training and self.loss == "sphereface":
+            self.head.iteration += 1
+        predicted = None
+        if "weight" in tensors:
+            with torch.no_grad():
+                predicted = self.head.get_logits(embeddings).argmax(1)
+        return loss, predicted
+
+    def _fused(self, embeddings, labels):
+        if self.loss in ("contrastive", "triplet"):
+            return self.head(embeddings, labels), None
+        loss, predicted = self.head(embeddings, labels, return_predictions=True)
+        if self.loss == "ring":
+            loss = loss + self.ring(embeddings)
+        if self.loss == "center":
+            loss = loss + CENTER_WEIGHT * self.center(embeddings, labels)
+        return loss, predicted
+
+    def reference_loss(self, e, y, tensors):
+        w = tensors.get("weight")
+        head = self.head
+        if self.loss in ("softmax", "ring", "center"):
+            loss = reference.softmax_cross_entropy(e, w, y)
+            if self.loss == "ring":
+                loss = loss + reference.ring_loss(e, tensors["radius"], self.ring.loss_weight)
+            if self.loss == "center":
+                loss = loss + CENTER_WEIGHT * reference.center_loss(e, y, tensors["centers"])
+            return loss
+        if self.loss == "l2softmax":
+            return reference.l2_softmax_loss(e, w, y, alpha=head.scale)
+        if self.loss == "sphereface":
+            return reference.sphereface_loss(e, w, y, margin=head.margin,
+                                             lambda_=head.current_lambda(), scale=head.scale)
+        if self.loss in ("cosface", "arcface", "combined"):
+            m1, m2, m3, _ = head.margins()
+            return reference.margin_softmax_loss(e, w, y, scale=head.scale, m1=m1, m2=m2, m3=m3)
+        if self.loss == "contrastive":
+            return reference.double_margin_contrastive_loss(
+                e, y, pos_margin=head.pos_margin, neg_margin=head.neg_margin)
+        if self.loss == "triplet":
+            return reference.triplet_margin_loss(e, y, margin=head.margin, mining=self.mining)
+        return reference.joint_identification_verification_loss(
+            e, w, y, margin=head.margin, verification_weight=head.verification_weight)
