@@ -1,6 +1,7 @@
 #include "margin_softmax.h"
 
 #include <ATen/OpMathType.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "common/checks.h"
@@ -62,6 +63,17 @@ at::Tensor row_scales(const at::Tensor& norms, const MarginOptions& options) {
                                       : norms.squeeze(1) * options.scale;
 }
 
+// The embeddings' side, shared by forward and backward.
+struct Rows {
+  at::Tensor unit, inverse, norms;  // normalized rows (GEMM dtype), 1 / norms, norms
+  at::Tensor scales;                // per-row logit scale, accumulate type
+};
+
+Rows prepare_rows(const at::Tensor& embeddings, const MarginOptions& options) {
+  auto [unit, inverse, norms] = normalize_rows(embeddings, embeddings.scalar_type());
+  return {unit, inverse, norms, row_scales(norms, options)};
+}
+
 // The weight rows of one chunk, ready for the GEMM in the embeddings' dtype.
 struct WeightChunk {
   at::Tensor rows, inverse, norms;
@@ -85,11 +97,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
   // Dtypes are chosen here (GEMMs in the embeddings' dtype): autocast must not re-cast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, options);
+  const c10::DeviceGuard device(embeddings.device());
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = weight.size(0);
-  auto [unit, inverse, norms] = normalize_rows(embeddings, dtype);
-  const at::Tensor scales = row_scales(norms, options);
-  const auto acc = scales.options();
+  const Rows rows = prepare_rows(embeddings, options);
+  const auto acc = rows.scales.options();
   RowState state{at::full({n}, -std::numeric_limits<double>::infinity(), acc),
                  at::zeros({n}, acc), at::zeros({n}, acc),
                  at::full({n}, -std::numeric_limits<double>::infinity(), acc),
@@ -98,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(weight, start, length, dtype, options);
-    const at::Tensor z = at::matmul(unit, chunk.rows.t()).contiguous();
-    epilogue(z, start, labels_c, scales, options, state);
+    const at::Tensor z = at::matmul(rows.unit, chunk.rows.t()).contiguous();
+    epilogue(z, start, labels_c, rows.scales, options, state);
   }
   return {state.row_max, state.row_sum.log(), state.target_logit, state.best_cosine,
           state.predicted};
@@ -111,11 +123,11 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const at::Tensor& log_sum, const MarginOptions& options, BackwardEpilogue epilogue) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, options);
+  const c10::DeviceGuard device(embeddings.device());
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = weight.size(0);
-  auto [unit, inverse, norms] = normalize_rows(embeddings, dtype);
-  const at::Tensor scales = row_scales(norms, options);
-  const auto acc = scales.options();
+  const Rows rows = prepare_rows(embeddings, options);
+  const auto acc = rows.scales.options();
   const auto check_row_vector = [&](const char* name, const at::Tensor& t) {
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, kOp, ": ", name, " must have shape [", n,
                       "], got ", t.sizes());
@@ -136,21 +148,22 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(weight, start, length, dtype, options);
-    at::Tensor dz = at::matmul(unit, chunk.rows.t()).contiguous();
-    epilogue(dz, start, labels_c, scales, row_max_c, log_sum_c, grad_log_sum_c, grad_target_c,
-             options, scale_grad);
+    at::Tensor dz = at::matmul(rows.unit, chunk.rows.t()).contiguous();
+    epilogue(dz, start, labels_c, rows.scales, row_max_c, log_sum_c, grad_log_sum_c,
+             grad_target_c, options, scale_grad);
     grad_unit.add_(at::matmul(dz, chunk.rows));
-    const at::Tensor grad_rows = at::matmul(dz.t(), unit).to(acc.dtype());
+    const at::Tensor grad_rows = at::matmul(dz.t(), rows.unit).to(acc.dtype());
     grad_weight.narrow(0, start, length)
         .copy_(options.normalize_weight
                    ? normalize_backward(grad_rows, chunk.rows.to(acc.dtype()), chunk.inverse,
                                         chunk.norms)
                    : grad_rows);
   }
-  at::Tensor grad_embeddings = normalize_backward(grad_unit, unit.to(acc.dtype()), inverse, norms);
+  const at::Tensor unit = rows.unit.to(acc.dtype());
+  at::Tensor grad_embeddings = normalize_backward(grad_unit, unit, rows.inverse, rows.norms);
   if (!options.normalize_embeddings) {
     // s_i = scale |x_i| also depends on x_i: d|x_i|/dx_i is the unit direction.
-    grad_embeddings.add_(unit.to(acc.dtype()) * (scale_grad * options.scale).unsqueeze(1));
+    grad_embeddings.add_(unit * (scale_grad * options.scale).unsqueeze(1));
   }
   return {grad_embeddings.to(dtype), grad_weight};
 }

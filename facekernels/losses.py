@@ -7,7 +7,8 @@ from torch import nn
 from facekernels.ops.center_loss import center_loss
 from facekernels.ops.contrastive import double_margin_contrastive_loss, verification_loss
 from facekernels.ops.margin_softmax import check_modes, fused_margin_loss
-from facekernels.ops.triplet import DISTANCES, MINING, REDUCTIONS, check_choice, triplet_margin_loss
+from facekernels.ops.checks import check_choice
+from facekernels.ops.triplet import DISTANCES, MINING, REDUCTIONS, triplet_margin_loss
 
 _CENTER_UPDATES = ("paper", "gradient")
 
@@ -302,5 +303,10 @@ class RingLoss(nn.Module):
         self.radius = nn.Parameter(torch.tensor(float(radius)))
 
     def forward(self, embeddings):
-        norms = torch.linalg.vector_norm(embeddings, dim=1)
-        return self.loss_weight / (2 * embeddings.shape[0]) * (norms - self.radius).square().sum()
+        return ring_loss(embeddings, self.radius, self.loss_weight)
+
+
+def ring_loss(embeddings, radius, loss_weight=0.01):
+    """RingLoss's functional form: loss_weight / (2N) * sum_i (|x_i| - radius)^2."""
+    norms = torch.linalg.vector_norm(embeddings, dim=1)
+    return loss_weight / (2 * embeddings.shape[0]) * (norms - radius).square().sum()

@@ -3,7 +3,8 @@ directly as a loss's indices_tuple."""
 
 from torch import nn
 
-from facekernels.ops.triplet import DISTANCES, MINING, check_choice, mine_triplets
+from facekernels.ops.checks import check_choice
+from facekernels.ops.triplet import DISTANCES, MINING, mine_triplets
 
 
 class TripletMiner(nn.Module):

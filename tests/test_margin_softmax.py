@@ -313,7 +313,7 @@ BAD_INPUTS = [
     ("int embeddings", lambda x, w, y: (x.long(), w, y), TypeError, "embeddings must be a floating-point"),
     ("int32 labels", lambda x, w, y: (x, w, y.int()), TypeError, "labels must be int64"),
     ("labels too long", lambda x, w, y: (x, w, torch.cat([y, y[:1]])), ValueError, r"labels must have shape \[9\]"),
-    ("empty batch", lambda x, w, y: (x[:0], w, y[:0]), ValueError, "N >= 1"),
+    ("empty batch", lambda x, w, y: (x[:0], w, y[:0]), ValueError, "at least one row"),
 ]
 
 

@@ -83,35 +83,11 @@ void backward_epilogue_cpu(at::Tensor& z, int64_t class_start, const at::Tensor&
       });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
-    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
-    double scale, double m1, double m2, double m3, double lambda, int64_t kind,
-    bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
-  return margin_softmax_forward_impl(
-      embeddings, weight, labels,
-      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size},
-      &forward_epilogue_cpu);
-}
-
-std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
-    const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
-    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
-    const at::Tensor& log_sum, double scale, double m1, double m2, double m3, double lambda,
-    int64_t kind, bool exact_gradient, bool normalize_embeddings, bool normalize_weight,
-    int64_t chunk_size) {
-  return margin_softmax_backward_impl(
-      grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
-      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size},
-      &backward_epilogue_cpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(facekernels, CPU, m) {
-  m.impl("margin_softmax_forward", &margin_softmax_forward_cpu);
-  m.impl("margin_softmax_backward", &margin_softmax_backward_cpu);
+  m.impl("margin_softmax_forward", &margin_softmax_forward<&forward_epilogue_cpu>);
+  m.impl("margin_softmax_backward", &margin_softmax_backward<&backward_epilogue_cpu>);
 }
 
 }  // namespace facekernels

@@ -1,7 +1,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -134,37 +133,11 @@ void backward_epilogue_cuda(at::Tensor& z, int64_t class_start, const at::Tensor
       });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
-    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
-    double scale, double m1, double m2, double m3, double lambda, int64_t kind,
-    bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  return margin_softmax_forward_impl(
-      embeddings, weight, labels,
-      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size},
-      &forward_epilogue_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
-    const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
-    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
-    const at::Tensor& log_sum, double scale, double m1, double m2, double m3, double lambda,
-    int64_t kind, bool exact_gradient, bool normalize_embeddings, bool normalize_weight,
-    int64_t chunk_size) {
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  return margin_softmax_backward_impl(
-      grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
-      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size},
-      &backward_epilogue_cuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(facekernels, CUDA, m) {
-  m.impl("margin_softmax_forward", &margin_softmax_forward_cuda);
-  m.impl("margin_softmax_backward", &margin_softmax_backward_cuda);
+  m.impl("margin_softmax_forward", &margin_softmax_forward<&forward_epilogue_cuda>);
+  m.impl("margin_softmax_backward", &margin_softmax_backward<&backward_epilogue_cuda>);
 }
 
 }  // namespace facekernels

@@ -2,41 +2,22 @@
 
 import torch
 
+from facekernels.ops.checks import check_embeddings, check_labels, check_rows
+
 _OP = "center_loss"
 
 
 def _check(embeddings, labels, centers, alpha):
     """Shape/dtype checks that need no data, shared by eager calls and the fake kernel.
     The C++ kernels repeat them and also check the label values."""
-    for name, t in (("embeddings", embeddings), ("labels", labels), ("centers", centers)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not embeddings.is_floating_point():
-        raise TypeError(f"{_OP}: embeddings must be a floating-point tensor, got {embeddings.dtype}")
-    if embeddings.dim() != 2:
-        raise ValueError(f"{_OP}: embeddings must be 2-D [N, D], got shape {tuple(embeddings.shape)}")
-    if embeddings.shape[0] == 0:
-        raise ValueError(f"{_OP}: embeddings must hold at least one row, got shape {tuple(embeddings.shape)}")
-    if centers.dim() != 2 or centers.shape[1] != embeddings.shape[1]:
-        raise ValueError(
-            f"{_OP}: centers must have shape [num_classes, {embeddings.shape[1]}] to match "
-            f"embeddings, got {tuple(centers.shape)}"
-        )
+    check_embeddings(_OP, embeddings)
+    check_rows(_OP, "centers", centers, embeddings)
+    check_labels(_OP, labels, embeddings)
     if centers.dtype != embeddings.dtype:
         raise TypeError(
             f"{_OP}: centers and embeddings must share a dtype, got {centers.dtype} and "
             f"{embeddings.dtype} (cast the embeddings, e.g. embeddings.float())"
         )
-    if labels.dtype != torch.int64:
-        raise TypeError(f"{_OP}: labels must be int64, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"{_OP}: labels must have shape [{embeddings.shape[0]}] to match embeddings, "
-            f"got {tuple(labels.shape)}"
-        )
-    for name, t in (("labels", labels), ("centers", centers)):
-        if t.device != embeddings.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but embeddings are on {embeddings.device}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"{_OP}: alpha must be a number in [0, 1], got {alpha!r}")
 

@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from facekernels.ops.triplet import DISTANCES, check_choice, pairwise_distance, resolve_reference
+from facekernels.ops.checks import check_choice
+from facekernels.ops.triplet import DISTANCES, pairwise_distance, resolve_reference
 
 
 def contrastive_loss(emb1, emb2, y, margin=1.0):

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from facekernels.ops.checks import check_choice, check_embeddings, check_labels, check_rows
+
 _OP = "margin_softmax_loss"
 _COMBINED, _SPHERE = 0, 1
 _REDUCTIONS = ("mean", "sum", "none")
@@ -22,38 +24,14 @@ def default_chunk_size(num_rows, device):
 
 def _check_tensors(embeddings, weight, labels):
     """Checks that need no data, shared by eager calls and the fake kernel."""
-    for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("embeddings", embeddings), ("weight", weight)):
-        if not t.is_floating_point():
-            raise TypeError(f"{_OP}: {name} must be a floating-point tensor, got {t.dtype}")
-    if embeddings.dim() != 2 or embeddings.shape[0] == 0:
-        raise ValueError(
-            f"{_OP}: embeddings must be 2-D [N, D] with N >= 1, got shape {tuple(embeddings.shape)}"
-        )
-    if weight.dim() != 2 or weight.shape[1] != embeddings.shape[1] or weight.shape[0] == 0:
-        raise ValueError(
-            f"{_OP}: weight must have shape [num_classes, {embeddings.shape[1]}] to match "
-            f"embeddings, got {tuple(weight.shape)}"
-        )
-    if labels.dtype != torch.int64:
-        raise TypeError(f"{_OP}: labels must be int64, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"{_OP}: labels must have shape [{embeddings.shape[0]}] to match embeddings, "
-            f"got {tuple(labels.shape)}"
-        )
-    for name, t in (("weight", weight), ("labels", labels)):
-        if t.device != embeddings.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but embeddings are on {embeddings.device}")
+    check_embeddings(_OP, embeddings)
+    check_rows(_OP, "weight", weight, embeddings)
+    check_labels(_OP, labels, embeddings)
 
 
 def check_modes(reduction, gradient):
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{_OP}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if gradient not in _GRADIENTS:
-        raise ValueError(f"{_OP}: gradient must be one of {_GRADIENTS}, got {gradient!r}")
+    check_choice(_OP, "reduction", reduction, _REDUCTIONS)
+    check_choice(_OP, "gradient", gradient, _GRADIENTS)
 
 
 def _check_label_range(labels, num_classes):

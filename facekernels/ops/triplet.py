@@ -4,44 +4,26 @@ in O(N^2) memory (facekernels::triplet_margin_forward / triplet_mine)."""
 import torch
 import torch.nn.functional as F
 
+from facekernels.ops.checks import check_choice, check_embeddings, check_labels
+
 MINING = {"all": 0, "hard": 1, "semihard": 2, "easy": 3, "batch_hard": 4, "facenet": 5}
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 REDUCTIONS = ("mean_nonzero", "mean", "sum", "none")
 
 
-def check_choice(op, name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{op}: {name} must be one of {tuple(allowed)}, got {value!r}")
-
-
-def _check_batch(op, embeddings, labels, labels_name="labels"):
-    if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
-        raise TypeError(f"{op}: embeddings must be a floating-point tensor")
-    if embeddings.dim() != 2:
-        raise ValueError(f"{op}: embeddings must be 2-D [N, D], got shape {tuple(embeddings.shape)}")
-    if labels is None:
-        return
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
-        raise TypeError(f"{op}: {labels_name} must be an int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
-    if labels.shape != (embeddings.shape[0],):
-        raise ValueError(
-            f"{op}: {labels_name} must have shape [{embeddings.shape[0]}] to match the "
-            f"embeddings, got {tuple(labels.shape)}"
-        )
-    if labels.device != embeddings.device:
-        raise ValueError(f"{op}: {labels_name} is on {labels.device} but embeddings are on {embeddings.device}")
-
-
 def resolve_reference(op, embeddings, labels, ref_emb, ref_labels):
     """(ref_emb, ref_labels, self_ref): the reference set, the batch itself by default."""
-    _check_batch(op, embeddings, labels)
+    check_embeddings(op, embeddings)
+    if labels is not None:
+        check_labels(op, labels, embeddings)
     if ref_emb is None:
         if ref_labels is not None:
             raise ValueError(f"{op}: ref_labels given without ref_emb")
         return embeddings, labels, True
-    _check_batch(op, ref_emb, ref_labels, "ref_labels")
     if ref_labels is None:
         raise ValueError(f"{op}: ref_labels is required when ref_emb is given")
+    check_embeddings(op, ref_emb, "ref_emb")
+    check_labels(op, ref_labels, ref_emb, "ref_labels")
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"{op}: ref_emb must have {embeddings.shape[1]} columns like the embeddings, "

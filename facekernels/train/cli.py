@@ -11,7 +11,7 @@ import torch
 from facekernels.train import baselines
 from facekernels.train.data import image_folder, open_set_split, synthetic_faces
 from facekernels.train.loop import Config, initial_state, train, verification_pairs
-from facekernels.train.objectives import IMPLS, LOSSES, MINING
+from facekernels.train.objectives import IMPLS, LOSSES, MINING, training_defaults
 
 
 def parse_args(argv):
@@ -25,18 +25,22 @@ def parse_args(argv):
                    help="an ImageFolder tree, one folder per person (default: built-in synthetic faces)")
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of people held out for verification")
     p.add_argument("--embedding-size", type=int, default=defaults.embedding_size)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.people_per_batch * defaults.per_person,
-                   help=f"photos per batch, {defaults.per_person} per person")
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--epochs", type=int, help="default: per loss, see objectives.TRAINING_DEFAULTS")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="photos per batch: 4 photos per person (8 for triplet and contrastive)")
+    p.add_argument("--lr", type=float, help="AdamW's peak learning rate; default: per loss")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--amp", choices=("none", "bf16"), default="none")
     p.add_argument("--report", metavar="FILE.json")
     p.add_argument("--plot", metavar="FILE.png")
     args = p.parse_args(argv)
-    if args.batch_size < 2 * defaults.per_person or args.batch_size % defaults.per_person:
-        p.error(f"--batch-size must be a multiple of {defaults.per_person}, at least {2 * defaults.per_person}")
+    tuned = training_defaults(args.loss)
+    args.epochs = tuned["epochs"] if args.epochs is None else args.epochs
+    args.lr = tuned["lr"] if args.lr is None else args.lr
+    args.per_person = tuned["per_person"]
+    if args.batch_size < 2 * args.per_person or args.batch_size % args.per_person:
+        p.error(f"--batch-size must be a multiple of {args.per_person}, at least {2 * args.per_person}")
     if args.epochs < 1:
         p.error("--epochs must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -91,8 +95,8 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
     config = Config(loss=args.loss, mining=args.mining, embedding_size=args.embedding_size,
-                    epochs=args.epochs, people_per_batch=args.batch_size // Config.per_person,
-                    lr=args.lr, seed=args.seed, device=args.device, amp=args.amp)
+                    epochs=args.epochs, people_per_batch=args.batch_size // args.per_person,
+                    per_person=args.per_person, lr=args.lr, seed=args.seed, device=args.device, amp=args.amp)
     config.people_per_batch = min(config.people_per_batch, train_set.num_people)
     source = args.data or "built-in synthetic faces"
     print(f"data: {source}: {faces.num_people} people, {len(faces.labels)} photos; "
@@ -113,6 +117,7 @@ def main(argv=None):
     }
     if "facekernels" in runs:
         report["parity"] = dataclasses.asdict(runs["facekernels"].parity)
+        report["parity_fp64"] = dataclasses.asdict(runs["facekernels"].parity_fp64)
     if len(runs) == 2:
         report["speedup"] = runs["reference"].step_ms / runs["facekernels"].step_ms
         report["loss_speedup"] = runs["reference"].loss_ms / runs["facekernels"].loss_ms
@@ -120,10 +125,12 @@ def main(argv=None):
     print()
     print(summary_table(report))
     if "parity" in report:
-        p = report["parity"]
-        print(f"\nparity (every step, same batch and parameters): max |loss diff| "
-              f"{p['max_abs_loss_diff']:.2e}, max relative loss diff {p['max_rel_loss_diff']:.2e}, "
-              f"max relative gradient diff {p['max_rel_grad_diff']:.2e}")
+        print("\nparity, every step, same batch and parameters (max over the run):")
+        for key, label in (("parity", "training call vs reference, fp32"),
+                           ("parity_fp64", "same formulas in float64")):
+            p = report[key]
+            print(f"  {label:<34} |loss diff| {p['max_abs_loss_diff']:.2e}  relative loss diff "
+                  f"{p['max_rel_loss_diff']:.2e}  relative gradient diff {p['max_rel_grad_diff']:.2e}")
     if "speedup" in report:
         print(f"speed-up of a whole training step: {report['speedup']:.2f}x; "
               f"of the loss forward + backward alone: {report['loss_speedup']:.2f}x")

@@ -19,7 +19,7 @@ class Config:
     loss: str = "arcface"
     mining: str = "all"
     embedding_size: int = 128
-    epochs: int = 40
+    epochs: int = 60
     people_per_batch: int = 16
     per_person: int = 4
     lr: float = 2e-3
@@ -56,7 +56,8 @@ class RunResult:
     peak_mem_mb: float = 0.0
     verification: dict = field(default_factory=dict)
     roc: tuple = ()
-    parity: Parity = None
+    parity: Parity = None  # the training call against the reference, both in fp32
+    parity_fp64: Parity = None  # the same formulas in float64: free of rounding flips
 
     def to_json(self):
         return {
@@ -101,17 +102,30 @@ def initial_state(config, num_classes):
     return model.state_dict(), objective.state_dict()
 
 
-def _check_parity(objective, embeddings, labels, parity):
-    """Reference loss and gradients on this step's batch and the current parameters,
-    computed before the fused call (which may move state such as centers)."""
-    stand_ins = {name: t.detach().clone().requires_grad_(t.requires_grad)
+def _loss_and_grads(loss_fn, objective, embeddings, labels, dtype):
+    """loss_fn(e, labels, stand-ins) on copies of this step's embeddings and of the loss's
+    parameters in `dtype`, with its gradients; the originals are left alone."""
+    stand_ins = {name: t.detach().to(dtype, copy=True).requires_grad_(t.requires_grad)
                  for name, t in objective.tensors().items()}
-    e = embeddings.detach().clone().requires_grad_()
-    loss = objective.reference_loss(e, labels, stand_ins)
+    e = embeddings.detach().to(dtype, copy=True).requires_grad_()
+    loss = loss_fn(e, labels, stand_ins)
     inputs = [e] + [t for t in stand_ins.values() if t.requires_grad]
-    grads = torch.autograd.grad(loss, inputs)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
     names = [name for name, t in stand_ins.items() if t.requires_grad]
     return loss.detach(), grads, names
+
+
+def _check_parity(objective, embeddings, labels, parity_fp64):
+    """Before the fused training call (which may move state such as centers): the
+    reference loss and gradients in fp32 on this step's batch and parameters, to compare
+    with that call; and both formulas in float64, compared right away."""
+    expected = _loss_and_grads(objective.reference_loss, objective, embeddings, labels, torch.float32)
+    fused64, grads64, _ = _loss_and_grads(objective.fused_loss, objective, embeddings, labels, torch.float64)
+    reference64, reference_grads64, _ = _loss_and_grads(
+        objective.reference_loss, objective, embeddings, labels, torch.float64)
+    parity_fp64.update(fused64, reference64, grads64, reference_grads64)
+    return expected
 
 
 def train(config, train_set, held_out, impl, state, parity=False):
@@ -136,10 +150,11 @@ def train(config, train_set, held_out, impl, state, parity=False):
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
 
-    result = RunResult(parity=Parity() if parity else None)
+    result = RunResult(parity=Parity() if parity else None,
+                       parity_fp64=Parity() if parity else None)
     step_seconds = loss_seconds = 0.0
     _reset_peak_memory(device)
-    bar = tqdm(total=total, desc=f"{config.loss} [{impl}]")
+    bar = tqdm(total=total, desc=f"{config.loss} [{impl}]", disable=None)  # off without a terminal
     model.train()
     objective.train()
     for _ in range(config.epochs):
@@ -154,7 +169,7 @@ def train(config, train_set, held_out, impl, state, parity=False):
             if parity:
                 _sync(device)
                 paused = time.perf_counter()
-                expected, expected_grads, names = _check_parity(objective, e, y, result.parity)
+                expected, expected_grads, names = _check_parity(objective, e, y, result.parity_fp64)
                 _sync(device)
                 start += time.perf_counter() - paused
             _sync(device)
@@ -174,7 +189,7 @@ def train(config, train_set, held_out, impl, state, parity=False):
             schedule.step()
             _sync(device)
             step_seconds += time.perf_counter() - start
-            result.losses.append(float(loss))
+            result.losses.append(float(loss.detach()))
             if predicted is not None:
                 result.accuracy.append(float((predicted == y).float().mean()))
             postfix = {"loss": f"{result.losses[-1]:.3f}"}

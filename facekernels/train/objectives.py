@@ -6,14 +6,30 @@ from torch import nn
 
 import facekernels
 from facekernels import reference
+from facekernels.losses import ring_loss
+from facekernels.ops.contrastive import verification_loss
+from facekernels.ops.margin_softmax import fused_margin_loss
 
 LOSSES = ("softmax", "l2softmax", "ring", "center", "sphereface", "cosface", "arcface",
           "combined", "contrastive", "triplet", "deepid2")
 MINING = ("all", "semihard", "hard", "batch_hard", "facenet")
 IMPLS = ("reference", "facekernels")
 
-CENTER_WEIGHT = 0.01  # lambda of softmax + lambda * center loss (Wen et al. use 0.003-0.01)
-MARGIN_SCALE = 30.0  # s for the margin losses: 64 is tuned for millions of faces, not 30 people
+CENTER_WEIGHT = 0.003  # lambda of softmax + lambda * center loss (Wen et al. use 0.003-0.01)
+MARGIN_SCALE = 16.0  # s for the margin losses: 64 is tuned for millions of faces, not 30 people
+
+# Training defaults per loss (epochs, learning rate, photos per person in a batch), tuned on
+# AT&T: metric losses want more photos of each person per batch and learn more slowly.
+TRAINING_DEFAULTS = {"epochs": 60, "lr": 2e-3, "per_person": 4}
+TRAINING_DEFAULTS_BY_LOSS = {
+    "center": {"epochs": 120},
+    "triplet": {"epochs": 80, "lr": 5e-3, "per_person": 8},
+    "contrastive": {"epochs": 80, "lr": 5e-3, "per_person": 8},
+}
+
+
+def training_defaults(loss):
+    return {**TRAINING_DEFAULTS, **TRAINING_DEFAULTS_BY_LOSS.get(loss, {})}
 
 
 class Objective(nn.Module):
@@ -40,7 +56,7 @@ class Objective(nn.Module):
             "sphereface": lambda: facekernels.SphereFaceLoss(c, d, margin=2, lambda_base=100.0,
                                                              lambda_min=5.0),
             "cosface": lambda: facekernels.CosFaceLoss(c, d, margin=0.35, scale=MARGIN_SCALE),
-            "arcface": lambda: facekernels.ArcFaceLoss(c, d, margin=0.3, scale=MARGIN_SCALE),
+            "arcface": lambda: facekernels.ArcFaceLoss(c, d, margin=0.5, scale=MARGIN_SCALE),
             "combined": lambda: facekernels.CombinedMarginLoss(c, d, m1=1.0, m2=0.2, m3=0.1,
                                                                scale=MARGIN_SCALE),
             "contrastive": lambda: facekernels.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0),
@@ -93,6 +109,26 @@ class Objective(nn.Module):
         if self.loss == "center":
             loss = loss + CENTER_WEIGHT * self.center(embeddings, labels)
         return loss, predicted
+
+    def fused_loss(self, e, y, tensors):
+        """The facekernels functional ops on the given stand-ins: side-effect free (no
+        center update, no SphereFace step), for the float64 parity check."""
+        w, head = tensors.get("weight"), self.head
+        if self.loss in ("contrastive", "triplet"):
+            return self._fused(e, y)[0]
+        common = dict(kind=head.kind, scale=head.scale, gradient=head.gradient,
+                      normalize_embeddings=head.normalize_embeddings,
+                      normalize_weight=head.normalize_weight, reduction="mean", chunk_size=None,
+                      return_predictions=False)
+        m1, m2, m3, sphere_lambda = head.margins()
+        loss = fused_margin_loss(e, w, y, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda, **common)
+        if self.loss == "ring":
+            loss = loss + ring_loss(e, tensors["radius"], self.ring.loss_weight)
+        if self.loss == "center":
+            loss = loss + CENTER_WEIGHT * facekernels.center_loss(e, y, tensors["centers"])
+        if self.loss == "deepid2":
+            loss = loss + head.verification_weight * verification_loss(e, y, head.margin)
+        return loss
 
     def reference_loss(self, e, y, tensors):
         w = tensors.get("weight")

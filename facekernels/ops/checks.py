@@ -1,0 +1,46 @@
+"""Argument checks shared by the op wrappers: each error names the op and the argument.
+They read only shapes and dtypes, so the fake kernels run them too."""
+
+import torch
+
+
+def check_choice(op, name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{op}: {name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def check_embeddings(op, embeddings, name="embeddings"):
+    """A floating-point [N, D] tensor with N >= 1."""
+    if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got "
+                        f"{getattr(embeddings, 'dtype', type(embeddings).__name__)}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D [N, D], got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"{op}: {name} must hold at least one row, got shape {tuple(embeddings.shape)}")
+
+
+def check_labels(op, labels, embeddings, name="labels"):
+    """An int64 [N] tensor beside the embeddings."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+        raise TypeError(f"{op}: {name} must be int64, got "
+                        f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.shape != (embeddings.shape[0],):
+        raise ValueError(f"{op}: {name} must have shape [{embeddings.shape[0]}] to match the "
+                         f"embeddings, got {tuple(labels.shape)}")
+    check_device(op, name, labels, embeddings)
+
+
+def check_device(op, name, tensor, embeddings):
+    if tensor.device != embeddings.device:
+        raise ValueError(f"{op}: {name} is on {tensor.device} but the embeddings are on {embeddings.device}")
+
+
+def check_rows(op, name, tensor, embeddings, what="num_classes"):
+    """A floating-point [K, D] tensor matching the embeddings' width and device."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor")
+    if tensor.dim() != 2 or tensor.shape[1] != embeddings.shape[1] or tensor.shape[0] == 0:
+        raise ValueError(f"{op}: {name} must have shape [{what}, {embeddings.shape[1]}] to match "
+                         f"the embeddings, got {tuple(tensor.shape)}")
+    check_device(op, name, tensor, embeddings)
