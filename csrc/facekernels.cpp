@@ -22,7 +22,8 @@ TORCH_LIBRARY(facekernels, m) {
   // without the row's class), and the argmax of the margin-free cosine. margin_kind 0:
   // target s (cos(m1 theta + m2) - m3); 1: SphereFace, s (psi_m1(theta) + lambda cos) /
   // (1 + lambda). The loss is log_sum + (row_max - target_logit); row_max is a constant
-  // for autograd (the loss does not depend on it).
+  // for autograd (the loss does not depend on it). The backward skips the GEMM of a
+  // gradient that is not wanted and returns it as [0, D].
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float scale, "
       "float m1, float m2, float m3, float sphere_lambda, int margin_kind, bool exact_gradient, "
@@ -33,7 +34,8 @@ TORCH_LIBRARY(facekernels, m) {
       "Tensor weight, Tensor labels, Tensor row_max, Tensor log_sum, float scale, float m1, "
       "float m2, float m3, "
       "float sphere_lambda, int margin_kind, bool exact_gradient, bool normalize_embeddings, "
-      "bool normalize_weight, int chunk_size) -> (Tensor grad_embeddings, Tensor grad_weight)");
+      "bool normalize_weight, int chunk_size, bool embeddings_grad=True, bool weight_grad=True) "
+      "-> (Tensor grad_embeddings, Tensor grad_weight)");
 
   // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
   // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet; positives and negatives

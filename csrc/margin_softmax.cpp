@@ -120,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
 std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
-    const at::Tensor& log_sum, const MarginOptions& options, BackwardEpilogue epilogue) {
+    const at::Tensor& log_sum, const MarginOptions& options, bool embeddings_grad,
+    bool weight_grad, BackwardEpilogue epilogue) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, options);
   const c10::DeviceGuard device(embeddings.device());
@@ -144,20 +145,28 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
 
   at::Tensor grad_unit = at::zeros({n, embeddings.size(1)}, acc);
   at::Tensor scale_grad = at::zeros({n}, acc);
-  at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  at::Tensor grad_weight = weight_grad ? at::empty_like(weight, at::MemoryFormat::Contiguous)
+                                       : weight.new_empty({0, weight.size(1)});
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(weight, start, length, dtype, options);
     at::Tensor dz = at::matmul(rows.unit, chunk.rows.t()).contiguous();
     epilogue(dz, start, labels_c, rows.scales, row_max_c, log_sum_c, grad_log_sum_c,
              grad_target_c, options, scale_grad);
-    grad_unit.add_(at::matmul(dz, chunk.rows));
-    const at::Tensor grad_rows = at::matmul(dz.t(), rows.unit).to(acc.dtype());
-    grad_weight.narrow(0, start, length)
-        .copy_(options.normalize_weight
-                   ? normalize_backward(grad_rows, chunk.rows.to(acc.dtype()), chunk.inverse,
-                                        chunk.norms)
-                   : grad_rows);
+    if (embeddings_grad) {
+      grad_unit.add_(at::matmul(dz, chunk.rows));
+    }
+    if (weight_grad) {
+      const at::Tensor grad_rows = at::matmul(dz.t(), rows.unit).to(acc.dtype());
+      grad_weight.narrow(0, start, length)
+          .copy_(options.normalize_weight
+                     ? normalize_backward(grad_rows, chunk.rows.to(acc.dtype()), chunk.inverse,
+                                          chunk.norms)
+                     : grad_rows);
+    }
+  }
+  if (!embeddings_grad) {
+    return {embeddings.new_empty({0, embeddings.size(1)}), grad_weight};
   }
   const at::Tensor unit = rows.unit.to(acc.dtype());
   at::Tensor grad_embeddings = normalize_backward(grad_unit, unit, rows.inverse, rows.norms);

@@ -177,11 +177,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const MarginOptions& options, ForwardEpilogue epilogue);
 
-// Returns (grad_embeddings, grad_weight).
+// Returns (grad_embeddings, grad_weight); an unwanted one is not computed and is [0, D].
 std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
-    const at::Tensor& log_sum, const MarginOptions& options, BackwardEpilogue epilogue);
+    const at::Tensor& log_sum, const MarginOptions& options, bool embeddings_grad,
+    bool weight_grad, BackwardEpilogue epilogue);
 
 // The ops' entry points (schemas in facekernels.cpp); each device registers them with its
 // own epilogue.
@@ -203,12 +204,12 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward(
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, double scale, double m1, double m2, double m3, double lambda,
     int64_t kind, bool exact_gradient, bool normalize_embeddings, bool normalize_weight,
-    int64_t chunk_size) {
+    int64_t chunk_size, bool embeddings_grad, bool weight_grad) {
   return margin_softmax_backward_impl(
       grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
        chunk_size},
-      epilogue);
+      embeddings_grad, weight_grad, epilogue);
 }
 
 }  // namespace facekernels

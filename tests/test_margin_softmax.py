@@ -268,11 +268,24 @@ def test_opcheck(device):
         (x.requires_grad_(), w.requires_grad_(), y, *options),
     )
     row_max, log_sum = torch.rand(9, device=device) + 3, torch.rand(9, device=device)
-    torch.library.opcheck(
-        torch.ops.facekernels.margin_softmax_backward.default,
-        (torch.rand(9, device=device), -torch.rand(9, device=device), x.detach(), w.detach(), y,
-         row_max, log_sum, *options),
-    )
+    for embeddings_grad, weight_grad in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(
+            torch.ops.facekernels.margin_softmax_backward.default,
+            (torch.rand(9, device=device), -torch.rand(9, device=device), x.detach(), w.detach(),
+             y, row_max, log_sum, *options, embeddings_grad, weight_grad),
+        )
+
+
+def test_a_frozen_input_still_gets_the_other_gradient(device):
+    x, w, y = make_batch(10, 8, 30, device, torch.float64)
+    both_x, both_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    facekernels.margin_softmax_loss(both_x, both_w, y, m2=0.5).backward()
+    x_only = x.clone().requires_grad_()
+    facekernels.margin_softmax_loss(x_only, w, y, m2=0.5).backward()
+    w_only = w.clone().requires_grad_()
+    facekernels.margin_softmax_loss(x, w_only, y, m2=0.5).backward()
+    assert torch.equal(x_only.grad, both_x.grad)
+    assert torch.equal(w_only.grad, both_w.grad)
 
 
 def test_torch_compile_fullgraph(device):

@@ -58,11 +58,14 @@ def _(embeddings, weight, labels, *options):
 
 
 @torch.library.register_fake("facekernels::margin_softmax_backward")
-def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *options):
-    return (
-        torch.empty_like(embeddings, memory_format=torch.contiguous_format),
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
-    )
+def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, scale, m1, m2,
+      m3, sphere_lambda, margin_kind, exact_gradient, normalize_embeddings, normalize_weight,
+      chunk_size, embeddings_grad=True, weight_grad=True):
+    def gradient(t, wanted):
+        shape = t.shape if wanted else (0, t.shape[1])
+        return t.new_empty(shape)
+
+    return gradient(embeddings, embeddings_grad), gradient(weight, weight_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -80,8 +83,10 @@ def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicte
         grad_log_sum = torch.zeros_like(log_sum)
     if grad_target is None:
         grad_target = torch.zeros_like(log_sum)
+    embeddings_grad, weight_grad = ctx.needs_input_grad[:2]
     grad_embeddings, grad_weight = torch.ops.facekernels.margin_softmax_backward(
-        grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *ctx.options
+        grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *ctx.options,
+        embeddings_grad=embeddings_grad, weight_grad=weight_grad,
     )
     return (
         grad_embeddings if ctx.needs_input_grad[0] else None,
