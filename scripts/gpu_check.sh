@@ -23,6 +23,11 @@ echo "build: rc=$build_rc in ${build_s}s (log: $out/build.log)"
 "$python" -m pytest tests -q -p no:cacheprovider --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
+# The trainer on the GPU: a short ArcFace run under bf16 autocast, both impls.
+"$python" -m facekernels.train --device cuda --amp bf16 --epochs 5 --report "$out/train_cuda.json" \
+  2>&1 | tail -12
+train_rc=${PIPESTATUS[0]}
+
 # GPU benchmarks: every center-loss and triplet shape, ArcFace at N=512 (C = 100K and 1M).
 "$python" -m pytest benchmarks -k "cuda and (center_loss or triplet or 512-512)" \
   --benchmark-only -q -p no:cacheprovider \
@@ -30,12 +35,13 @@ tests_rc=${PIPESTATUS[0]}
   | sed -n '/facekernels vs the alternatives/,/^$/p'
 bench_rc=${PIPESTATUS[0]}
 
-"$python" - "$out" "$build_s" "$tests_rc" "$bench_rc" <<'PY'
+"$python" - "$out" "$build_s" "$tests_rc" "$bench_rc" "$train_rc" <<'PY'
 import json, os, sys
 import xml.etree.ElementTree as ET
 import torch, facekernels
 
-out, build_s, tests_rc, bench_rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out = sys.argv[1]
+build_s, tests_rc, bench_rc, train_rc = (int(a) for a in sys.argv[2:6])
 suite = ET.parse(os.path.join(out, "tests.xml")).getroot()
 suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
 counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -50,8 +56,14 @@ if os.path.exists(path):
                            "peak_extra_mb": b["extra_info"].get("peak_extra_mb")})
 report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "build": facekernels.build_info(),
           "build_seconds": build_s, "tests": counts, "failed_tests": failed,
-          "tests_rc": tests_rc, "benchmarks_rc": bench_rc, "benchmarks": benchmarks}
+          "tests_rc": tests_rc, "benchmarks_rc": bench_rc, "benchmarks": benchmarks,
+          "trainer_rc": train_rc}
+train_report = os.path.join(out, "train_cuda.json")
+if os.path.exists(train_report):
+    trained = json.load(open(train_report))
+    report["trainer"] = {k: trained.get(k) for k in ("parity", "parity_fp64", "speedup", "loss_speedup")}
 json.dump(report, open(os.path.join(out, "gpu_report.json"), "w"), indent=2)
-print(json.dumps({k: report[k] for k in ("gpu", "build_seconds", "tests", "tests_rc", "benchmarks_rc")}))
+print(json.dumps({k: report.get(k) for k in ("gpu", "build_seconds", "tests", "tests_rc",
+                                              "benchmarks_rc", "trainer_rc", "trainer")}))
 PY
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+exit $(( tests_rc != 0 || bench_rc != 0 || train_rc != 0 ))

@@ -128,7 +128,7 @@ __global__ void threshold_forward_kernel(TripletView<scalar_t> v, TripletRule<ac
         slopes += slope;
       }
     }
-    g_row[n] = -slopes;
+    g_row[n] = acc_t(0) - slopes;  // +0, not -0, as on the CPU
   }
   write_partials(loss, active, count, loss_out + a, active_out + a, count_out + a);
 }
@@ -160,7 +160,7 @@ __global__ void batch_hard_forward_kernel(TripletView<scalar_t> v, TripletRule<a
   if (found) {
     loss = rule.term(static_cast<acc_t>(row.dist[p]), static_cast<acc_t>(row.dist[n]), slope);
     grad[a * v.m + p] = slope;
-    grad[a * v.m + n] = -slope;
+    grad[a * v.m + n] = acc_t(0) - slope;
   }
   loss_out[a] = loss;
   active_out[a] = loss > acc_t(0);
@@ -229,7 +229,7 @@ __global__ void facenet_forward_kernel(TripletView<scalar_t> v, TripletRule<acc_
         slopes += g_row[p];
       }
     }
-    g_row[n] = -slopes;
+    g_row[n] = acc_t(0) - slopes;  // +0, not -0, as on the CPU
   }
   write_partials(loss, active, count, loss_out + a, active_out + a, count_out + a);
 }
@@ -368,6 +368,7 @@ std::tuple<at::Tensor, at::Tensor> hardest_cuda(const TripletInputs& in) {
   const int64_t n = in.dist.size(0);
   at::Tensor positive = at::full({n}, -1, in.labels.options());
   at::Tensor negative = at::full({n}, -1, in.labels.options());
+  TORCH_CHECK_VALUE(n <= INT32_MAX, "triplet_mine: too many anchors, got ", n);
   if (n > 0) {
     FK_DISPATCH(in.dist, "triplet_hardest_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
