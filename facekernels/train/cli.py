@@ -29,6 +29,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64,
                    help="photos per batch: 4 photos per person (8 for triplet and contrastive)")
     p.add_argument("--lr", type=float, help="AdamW's peak learning rate; default: per loss")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's weight decay")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--amp", choices=("none", "bf16"), default="none")
@@ -96,7 +97,8 @@ def main(argv=None):
         parser.error(str(error))
     config = Config(loss=args.loss, mining=args.mining, embedding_size=args.embedding_size,
                     epochs=args.epochs, people_per_batch=args.batch_size // args.per_person,
-                    per_person=args.per_person, lr=args.lr, seed=args.seed, device=args.device, amp=args.amp)
+                    per_person=args.per_person, lr=args.lr, weight_decay=args.weight_decay,
+                    seed=args.seed, device=args.device, amp=args.amp)
     config.people_per_batch = min(config.people_per_batch, train_set.num_people)
     source = args.data or "built-in synthetic faces"
     print(f"data: {source}: {faces.num_people} people, {len(faces.labels)} photos; "
