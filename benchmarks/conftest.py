@@ -6,33 +6,19 @@ import collections
 import pytest
 import torch
 
+from facekernels.train.memory import current_bytes, peak_bytes, reset_peak
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 _RESULTS = collections.defaultdict(dict)  # group -> impl -> (median s, peak extra bytes)
 
 
-def _rss_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def peak_extra_memory(step, device):
     """Peak memory one call of `step` adds on top of what was allocated before it:
-    torch's allocator peak on CUDA; on CPU the peak resident set (VmHWM, reset first)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    start = _rss_bytes("VmRSS:")
+    torch's allocator peak on CUDA; on CPU the peak resident set."""
+    reset_peak(device)
+    start = current_bytes(device)
     step()
-    return _rss_bytes("VmHWM:") - start
+    return peak_bytes(device) - start
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from torch import nn
 from facekernels.ops.center_loss import center_loss
 from facekernels.ops.contrastive import double_margin_contrastive_loss, verification_loss
 from facekernels.ops.margin_softmax import check_modes, fused_margin_loss
-from facekernels.ops.checks import check_choice
+from facekernels.ops.checks import check_choice, check_number
 from facekernels.ops.triplet import DISTANCES, MINING, REDUCTIONS, triplet_margin_loss
 
 _CENTER_UPDATES = ("paper", "gradient")
@@ -49,8 +49,7 @@ class CenterLoss(nn.Module):
         if update not in _CENTER_UPDATES:
             raise ValueError(f"CenterLoss: update must be one of {_CENTER_UPDATES}, got {update!r}")
         _check_sizes("CenterLoss", num_classes, embedding_size)
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"CenterLoss: alpha must be a number in [0, 1], got {alpha!r}")
+        check_number("CenterLoss", "alpha", alpha, 0.0, 1.0)
         if not isinstance(deterministic, bool):
             raise ValueError(f"CenterLoss: deterministic must be a bool, got {deterministic!r}")
         self.num_classes = num_classes
@@ -107,9 +106,13 @@ class _MarginSoftmaxHead(nn.Module):
     def forward(self, embeddings, labels, return_predictions=False):
         """The loss (and, with return_predictions, each row's argmax class of the
         margin-free logits, for the training accuracy)."""
+        return self.loss(embeddings, labels, self.weight, return_predictions)
+
+    def loss(self, embeddings, labels, weight, return_predictions=False):
+        """This head's loss over a given classifier weight (forward passes .weight)."""
         m1, m2, m3, sphere_lambda = self.margins()
         return fused_margin_loss(
-            embeddings, self.weight, labels, kind=self.kind, scale=self.scale, m1=m1, m2=m2,
+            embeddings, weight, labels, kind=self.kind, scale=self.scale, m1=m1, m2=m2,
             m3=m3, sphere_lambda=sphere_lambda, gradient=self.gradient,
             normalize_embeddings=self.normalize_embeddings,
             normalize_weight=self.normalize_weight, reduction=self.reduction,
@@ -285,11 +288,12 @@ class JointIdentificationVerificationLoss(SoftmaxLoss):
         self.margin = margin
         self.verification_weight = verification_weight
 
-    def forward(self, embeddings, labels, return_predictions=False):
-        identification = super().forward(embeddings, labels, return_predictions)
-        loss = identification[0] if return_predictions else identification
-        loss = loss + self.verification_weight * verification_loss(embeddings, labels, self.margin)
-        return (loss, identification[1]) if return_predictions else loss
+    def loss(self, embeddings, labels, weight, return_predictions=False):
+        identification = super().loss(embeddings, labels, weight, return_predictions)
+        verification = self.verification_weight * verification_loss(embeddings, labels, self.margin)
+        if return_predictions:
+            return identification[0] + verification, identification[1]
+        return identification + verification
 
 
 class RingLoss(nn.Module):

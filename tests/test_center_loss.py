@@ -233,7 +233,7 @@ def test_bad_input_is_a_clear_error_and_centers_stay(device, case, path):
 
 def test_bad_arguments_are_errors():
     x, labels, centers = make_batch(4, 3, 2, "cpu")
-    with pytest.raises(ValueError, match="alpha must be a number in"):
+    with pytest.raises(ValueError, match=r"alpha must be a finite number in \[0.0, 1.0\]"):
         facekernels.center_loss(x, labels, centers, alpha=1.5)
     with pytest.raises(ValueError, match="must not require grad"):
         facekernels.center_loss(x, labels, centers.requires_grad_(), update_centers=True)

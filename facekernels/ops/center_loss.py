@@ -2,7 +2,7 @@
 
 import torch
 
-from facekernels.ops.checks import check_embeddings, check_labels, check_rows
+from facekernels.ops.checks import check_embeddings, check_labels, check_number, check_rows
 
 _OP = "center_loss"
 
@@ -18,8 +18,7 @@ def _check(embeddings, labels, centers, alpha):
             f"{_OP}: centers and embeddings must share a dtype, got {centers.dtype} and "
             f"{embeddings.dtype} (cast the embeddings, e.g. embeddings.float())"
         )
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"{_OP}: alpha must be a number in [0, 1], got {alpha!r}")
+    check_number(_OP, "alpha", alpha, 0.0, 1.0)
 
 
 @torch.library.register_fake("facekernels::center_loss_forward")

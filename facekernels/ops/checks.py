@@ -1,12 +1,22 @@
 """Argument checks shared by the op wrappers: each error names the op and the argument.
 They read only shapes and dtypes, so the fake kernels run them too."""
 
+import math
+
 import torch
 
 
 def check_choice(op, name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{op}: {name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def check_number(op, name, value, low=-math.inf, high=math.inf):
+    """A finite int or float (not a bool) in [low, high], returned as a float."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or not low <= value <= high):
+        raise ValueError(f"{op}: {name} must be a finite number in [{low}, {high}], got {value!r}")
+    return float(value)
 
 
 def check_embeddings(op, embeddings, name="embeddings"):

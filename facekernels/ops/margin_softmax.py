@@ -1,11 +1,15 @@
 """margin_softmax: margin-softmax cross entropy that never builds the N x C logits
 (facekernels::margin_softmax_forward / _backward)."""
 
-import math
-
 import torch
 
-from facekernels.ops.checks import check_choice, check_embeddings, check_labels, check_rows
+from facekernels.ops.checks import (
+    check_choice,
+    check_embeddings,
+    check_labels,
+    check_number,
+    check_rows,
+)
 
 _OP = "margin_softmax_loss"
 _COMBINED, _SPHERE = 0, 1
@@ -100,13 +104,6 @@ torch.library.register_autograd(
 )
 
 
-def _number(name, value, low=-math.inf):
-    if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not math.isfinite(value) or value < low):
-        raise ValueError(f"{_OP}: {name} must be a finite number >= {low}, got {value!r}")
-    return float(value)
-
-
 def fused_margin_loss(
     embeddings,
     weight,
@@ -144,11 +141,11 @@ def fused_margin_loss(
         embeddings,
         weight,
         labels,
-        _number("scale", scale, 0.0),
-        _number("m1", m1, 0.0),
-        _number("m2", m2),
-        _number("m3", m3),
-        _number("sphere_lambda", sphere_lambda, 0.0),
+        check_number(_OP, "scale", scale, 0.0),
+        check_number(_OP, "m1", m1, 0.0),
+        check_number(_OP, "m2", m2),
+        check_number(_OP, "m3", m3),
+        check_number(_OP, "sphere_lambda", sphere_lambda, 0.0),
         kind,
         gradient == "exact",
         bool(normalize_embeddings),

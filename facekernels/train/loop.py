@@ -1,7 +1,6 @@
 """One training run, and the per-step parity check of the fused losses against the
 reference formulas on the very same batch and parameters."""
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -10,6 +9,7 @@ from tqdm import tqdm
 
 from facekernels.eval import make_pairs, pair_scores, roc_curve, verification_report
 from facekernels.train.data import augment, center_crop, identity_batches
+from facekernels.train.memory import peak_bytes, reset_peak
 from facekernels.train.model import EmbeddingNet
 from facekernels.train.objectives import Objective
 
@@ -68,25 +68,6 @@ class RunResult:
             "peak_mem_mb": self.peak_mem_mb,
             "verification": self.verification,
         }
-
-
-def _reset_peak_memory(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident set (VmHWM)
-
-
-def _peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _sync(device):
@@ -153,7 +134,7 @@ def train(config, train_set, held_out, impl, state, parity=False):
     result = RunResult(parity=Parity() if parity else None,
                        parity_fp64=Parity() if parity else None)
     step_seconds = loss_seconds = 0.0
-    _reset_peak_memory(device)
+    reset_peak(device)
     bar = tqdm(total=total, desc=f"{config.loss} [{impl}]", disable=None)  # off without a terminal
     model.train()
     objective.train()
@@ -198,7 +179,7 @@ def train(config, train_set, held_out, impl, state, parity=False):
             bar.set_postfix(postfix)
             bar.update()
     bar.close()
-    result.peak_mem_mb = _peak_memory_mb(device)
+    result.peak_mem_mb = peak_bytes(device) / 2**20
     result.step_ms = 1e3 * step_seconds / total
     result.loss_ms = 1e3 * loss_seconds / total
     result.verification, result.roc = evaluate(model, held_out, device, config.seed)

@@ -7,8 +7,6 @@ from torch import nn
 import facekernels
 from facekernels import reference
 from facekernels.losses import ring_loss
-from facekernels.ops.contrastive import verification_loss
-from facekernels.ops.margin_softmax import fused_margin_loss
 
 LOSSES = ("softmax", "l2softmax", "ring", "center", "sphereface", "cosface", "arcface",
           "combined", "contrastive", "triplet", "deepid2")
@@ -113,21 +111,13 @@ class Objective(nn.Module):
     def fused_loss(self, e, y, tensors):
         """The facekernels functional ops on the given stand-ins: side-effect free (no
         center update, no SphereFace step), for the float64 parity check."""
-        w, head = tensors.get("weight"), self.head
         if self.loss in ("contrastive", "triplet"):
-            return self._fused(e, y)[0]
-        common = dict(kind=head.kind, scale=head.scale, gradient=head.gradient,
-                      normalize_embeddings=head.normalize_embeddings,
-                      normalize_weight=head.normalize_weight, reduction="mean", chunk_size=None,
-                      return_predictions=False)
-        m1, m2, m3, sphere_lambda = head.margins()
-        loss = fused_margin_loss(e, w, y, m1=m1, m2=m2, m3=m3, sphere_lambda=sphere_lambda, **common)
+            return self.head(e, y)
+        loss = self.head.loss(e, y, tensors["weight"])
         if self.loss == "ring":
             loss = loss + ring_loss(e, tensors["radius"], self.ring.loss_weight)
         if self.loss == "center":
             loss = loss + CENTER_WEIGHT * facekernels.center_loss(e, y, tensors["centers"])
-        if self.loss == "deepid2":
-            loss = loss + head.verification_weight * verification_loss(e, y, head.margin)
         return loss
 
     def reference_loss(self, e, y, tensors):
