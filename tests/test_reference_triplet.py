@@ -61,6 +61,25 @@ def test_pairwise_distance_hand_values():
     torch.testing.assert_close(pairwise_distance(x, y[1:], distance="cosine"), torch.tensor([[0.6]], dtype=F64))
 
 
+@pytest.mark.parametrize("normalize_embeddings", [True, False])
+def test_pairwise_distance_matches_differences(normalize_embeddings):
+    """The Gram form against |a - b| computed from the differences, value and gradient."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g, dtype=F64, requires_grad=True)
+    y = torch.randn(4, 5, generator=g, dtype=F64, requires_grad=True)
+    for other in (None, y):
+        got = pairwise_distance(x, other, normalize_embeddings=normalize_embeddings)
+        a, b = (torch.nn.functional.normalize(t, dim=1) if normalize_embeddings else t
+                for t in (x, x if other is None else other))
+        want = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+        torch.testing.assert_close(got, want)
+        weights = torch.rand(got.shape, generator=g, dtype=F64)
+        inputs = (x,) if other is None else (x, y)
+        for got_grad, want_grad in zip(torch.autograd.grad((got * weights).sum(), inputs),
+                                       torch.autograd.grad((want * weights).sum(), inputs)):
+            torch.testing.assert_close(got_grad, want_grad)
+
+
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("normalize_embeddings", [True, False])
 def test_pairwise_distance_gradient_finite_at_identical_points(distance, normalize_embeddings):

@@ -154,6 +154,26 @@ def test_anchor_without_positive_is_skipped(device):
         assert_close(g, e)
 
 
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_distances_round_like_the_reference(device, distance):
+    """Bit for bit in fp32: a mean over the terms > 0 jumps by 1/T of itself when a term
+    crosses 0, so the trainer's 1e-5 loss parity needs both sides to see the same distances."""
+    x, labels = make_batch(96, 32, 8, device, torch.float32)
+    ref, _ = make_batch(40, 32, 8, device, torch.float32, seed=1)
+    for other in (None, ref):
+        assert torch.equal(facekernels.pairwise_distance(x, other, distance),
+                           reference.pairwise_distance(x, other, distance))
+    # A margin at the median of d_an - d_ap puts half of the triplets at the hinge.
+    d = reference.pairwise_distance(x, distance=distance)
+    d = -d if distance == "cosine" else d  # larger = farther
+    same = labels[:, None] == labels[None, :]
+    t = (d[:, None, :] - d[:, :, None])[same[:, :, None] & ~same[:, None, :]]
+    margin = float(t.median())
+    got = facekernels.triplet_margin_loss(x, labels, margin=margin, distance=distance)
+    expected = reference.triplet_margin_loss(x, labels, margin=margin, distance=distance)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
 def test_duplicate_embeddings_have_finite_gradients(device):
     x, labels = make_batch(8, 4, 2, device)
     x[1] = x[0]  # same point, same identity: distance exactly 0 through the GEMM

@@ -29,22 +29,34 @@ def pairwise_distance(
     ``"cosine"``: the similarity ``<a, b>`` (larger means closer). The Euclidean
     gradient is 0, not NaN, for identical points.
 
+    Distances take the Gram form ``|a|^2 + |b|^2 - 2 <a, b>`` (clamped at 0, and exactly 0
+    on the diagonal when y is None), which is also what pytorch-metric-learning gets from
+    ``torch.cdist`` for batches over 25 rows. Losses averaged over their terms > 0 jump
+    when a term crosses 0, so a fused loss agrees with this oracle to fp32 rounding only
+    if both see the same rounded distances, not merely distances a few ulps apart.
+
     The metric of Schroff, Kalenichenko, Philbin 2015, "FaceNet: A Unified Embedding for
     Face Recognition and Clustering".
     """
     _check_choice("pairwise_distance", "distance", distance, _DISTANCES)
+    self_ref = y is None
     if normalize_embeddings:
         x = F.normalize(x, p=2.0, dim=1)
-        y = x if y is None else F.normalize(y, p=2.0, dim=1)
-    elif y is None:
+        y = x if self_ref else F.normalize(y, p=2.0, dim=1)
+    elif self_ref:
         y = x
+    gram = x @ y.t()
     if distance == "cosine":
-        return x @ y.t()
-    diff = x[:, None, :] - y[None, :, :]
+        return gram
+    squared = ((x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * gram).clamp_min(0.0)
+    if self_ref:
+        squared = squared * (1 - torch.eye(*squared.shape, dtype=squared.dtype, device=squared.device))
     if distance == "squared_euclidean":
-        return (diff * diff).sum(dim=-1)
-    # vector_norm's backward is 0 at a zero vector; sqrt(sum of squares) would give NaN.
-    return torch.linalg.vector_norm(diff, dim=-1)
+        return squared
+    # sqrt's derivative is infinite at 0; feed it 1 there and drop the branch, so the
+    # gradient for identical points is 0 rather than NaN.
+    positive = squared > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, squared, 1.0)), 0.0)
 
 
 def _dissimilarity(mat: torch.Tensor, distance: str) -> torch.Tensor:
@@ -107,7 +119,8 @@ def mine_triplets(
     ref, ref_labels, self_ref = _resolve_ref(op, embeddings, labels, ref_emb, ref_labels)
     with torch.no_grad():
         dis = _dissimilarity(
-            pairwise_distance(embeddings, ref, distance, normalize_embeddings), distance
+            pairwise_distance(embeddings, None if self_ref else ref, distance, normalize_embeddings),
+            distance,
         )
         same = labels[:, None] == ref_labels[None, :]
         pos = same & ~torch.eye(*same.shape, dtype=torch.bool, device=same.device) if self_ref else same
@@ -179,7 +192,7 @@ def triplet_margin_loss(
     _check_choice(op, "mining", mining, _TRIPLET_TYPES)
     _check_choice(op, "distance", distance, _DISTANCES)
     _check_choice(op, "reduction", reduction, _TRIPLET_REDUCTIONS)
-    ref, _, _ = _resolve_ref(op, embeddings, labels, ref_emb, ref_labels)
+    ref, _, self_ref = _resolve_ref(op, embeddings, labels, ref_emb, ref_labels)
     if indices_tuple is None:
         if labels is None:
             raise ValueError(f"{op}: labels are required when indices_tuple is not given")
@@ -193,7 +206,9 @@ def triplet_margin_loss(
         )
     a, p, n = indices_tuple
 
-    dis = _dissimilarity(pairwise_distance(embeddings, ref, distance, normalize_embeddings), distance)
+    dis = _dissimilarity(
+        pairwise_distance(embeddings, None if self_ref else ref, distance, normalize_embeddings), distance
+    )
     d_ap = dis[a, p]
     d_an = dis[a, n]
     if swap:
