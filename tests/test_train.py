@@ -1,12 +1,13 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from facekernels.train import data
-from facekernels.train.cli import main
+from facekernels.train import cli
 from facekernels.train.objectives import LOSSES, Objective
 
 ATT = Path(__file__).resolve().parents[2] / "shared" / "data" / "att_faces"
@@ -24,7 +25,7 @@ def att_subset(tmp_path):
 
 
 def run(argv):
-    return main([*argv, "--epochs", "3"])
+    return cli.run([*argv, "--epochs", "3"])
 
 
 @needs_att
@@ -49,11 +50,14 @@ def test_both_impls_agree_on_real_faces(att_subset, tmp_path, loss):
     assert set(report["baselines"]) == {"raw_pixels", "eigenfaces"}
 
 
-def test_synthetic_default_runs_and_plots(tmp_path):
-    plot_path = tmp_path / "curves.png"
-    report = main(["--loss", "cosface", "--epochs", "1", "--impl", "facekernels",
-                   "--plot", str(plot_path)])
+def test_console_script_on_synthetic_faces(tmp_path):
+    plot_path, report_path = tmp_path / "curves.png", tmp_path / "report.json"
+    with pytest.raises(SystemExit) as exit_info:  # what the installed facekernels-train does
+        sys.exit(cli.main(["--loss", "cosface", "--epochs", "1", "--impl", "facekernels",
+                           "--plot", str(plot_path), "--report", str(report_path)]))
+    assert exit_info.value.code is None  # status 0
     assert plot_path.stat().st_size > 1000
+    report = json.loads(report_path.read_text())
     assert report["data"] == "built-in synthetic faces"
     assert "speedup" not in report and report["parity"]["max_rel_grad_diff"] <= 1e-4
 
@@ -86,7 +90,7 @@ def test_every_loss_matches_its_reference(loss):
 
 def test_missing_data_dir_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["--data", str(tmp_path / "nowhere")])
+        cli.run(["--data", str(tmp_path / "nowhere")])
     assert "nowhere: no such directory" in capsys.readouterr().err
 
 
@@ -97,7 +101,7 @@ def test_one_person_is_not_enough(tmp_path, capsys):
 
     Image.new("L", (92, 112)).save(tmp_path / "alice" / "1.png")
     with pytest.raises(SystemExit):
-        main(["--data", str(tmp_path)])
+        cli.run(["--data", str(tmp_path)])
     assert "need at least two people" in capsys.readouterr().err
 
 
@@ -106,5 +110,5 @@ def test_unreadable_image_is_named(tmp_path, capsys):
         (tmp_path / person).mkdir()
     (tmp_path / "alice" / "1.pgm").write_bytes(b"not an image")
     with pytest.raises(SystemExit):
-        main(["--data", str(tmp_path)])
+        cli.run(["--data", str(tmp_path)])
     assert f"cannot read image {tmp_path / 'alice' / '1.pgm'}" in capsys.readouterr().err

@@ -89,7 +89,15 @@ def plot(report, runs, path):
 
 
 def main(argv=None):
-    parser, args = parse_args(sys.argv[1:] if argv is None else argv)
+    """The console script: sys.exit(main()) must see None, or it prints the value and
+    exits with status 1."""
+    run(sys.argv[1:] if argv is None else argv)
+
+
+def run(argv):
+    """Trains and evaluates as the command line `argv` asks, prints the summary and
+    returns the report."""
+    parser, args = parse_args(argv)
     try:
         faces = image_folder(args.data) if args.data else synthetic_faces(seed=args.seed)
         train_set, held_out = open_set_split(faces, args.holdout, args.seed)
