@@ -81,16 +81,21 @@ def losses_and_grads(fn, x, labels, **kw):
     return loss, grad
 
 
+def assert_loss_matches_reference(x, labels, **kw):
+    """The fused loss and its gradient against the reference formula's."""
+    got = losses_and_grads(facekernels.triplet_margin_loss, x, labels, **kw)
+    expected = losses_and_grads(reference.triplet_margin_loss, x, labels, **kw)
+    for a, b in zip(got, expected):
+        assert_close(a, b)
+
+
 @pytest.mark.parametrize("mining", TYPES)
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_loss_matches_reference(device, mining, distance, reduction):
     x, labels = make_batch(40, 8, 5, device)
     kw = dict(margin=0.2, mining=mining, distance=distance, reduction=reduction)
-    got = losses_and_grads(facekernels.triplet_margin_loss, x, labels, **kw)
-    expected = losses_and_grads(reference.triplet_margin_loss, x, labels, **kw)
-    for a, b in zip(got, expected):
-        assert_close(a, b)
+    assert_loss_matches_reference(x, labels, **kw)
 
 
 @pytest.mark.parametrize("swap, smooth", [(True, False), (False, True), (True, True)])
@@ -98,10 +103,7 @@ def test_loss_matches_reference(device, mining, distance, reduction):
 def test_swap_and_smooth_match_reference(device, swap, smooth, mining):
     x, labels = make_batch(30, 6, 4, device)
     kw = dict(margin=0.3, mining=mining, swap=swap, smooth=smooth)
-    got = losses_and_grads(facekernels.triplet_margin_loss, x, labels, **kw)
-    expected = losses_and_grads(reference.triplet_margin_loss, x, labels, **kw)
-    for a, b in zip(got, expected):
-        assert_close(a, b)
+    assert_loss_matches_reference(x, labels, **kw)
 
 
 def test_indices_from_any_miner(device):
@@ -119,10 +121,7 @@ def test_reference_set_loss(device):
     ref, ref_labels = make_batch(25, 5, 4, device, seed=2)
     for mining in TYPES:
         kw = dict(mining=mining, ref_emb=ref, ref_labels=ref_labels)
-        got = losses_and_grads(facekernels.triplet_margin_loss, x, labels, **kw)
-        expected = losses_and_grads(reference.triplet_margin_loss, x, labels, **kw)
-        for a, b in zip(got, expected):
-            assert_close(a, b)
+        assert_loss_matches_reference(x, labels, **kw)
 
 
 def test_fp32_is_no_worse_than_reference(device):
@@ -148,10 +147,7 @@ def test_anchor_without_positive_is_skipped(device):
     labels[0] = 7  # a lonely identity: never an anchor, only a negative
     a, p, n = facekernels.mine_triplets(x, labels)
     assert 0 not in a.tolist() and 0 not in p.tolist() and 0 in n.tolist()
-    got = losses_and_grads(facekernels.triplet_margin_loss, x, labels)
-    expected = losses_and_grads(reference.triplet_margin_loss, x, labels)
-    for g, e in zip(got, expected):
-        assert_close(g, e)
+    assert_loss_matches_reference(x, labels)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
