@@ -38,7 +38,7 @@ TORCH_LIBRARY(facekernels, m) {
       "-> (Tensor grad_embeddings, Tensor grad_weight)");
 
   // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
-  // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet; positives and negatives
+  // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet, 6 every triplet; positives and negatives
   // index the columns (self_ref: the columns are the rows' own batch, a != p). Returns the
   // sum of the mined triplets' losses, how many are > 0, how many were mined, and
   // d loss_sum / d dist. triplet_mine returns the triplets (a, p, n) in lexicographic order.
@@ -49,6 +49,9 @@ TORCH_LIBRARY(facekernels, m) {
   m.def(
       "triplet_mine(Tensor dist, Tensor labels, Tensor ref_labels, float margin, int mining, "
       "bool self_ref) -> (Tensor anchors, Tensor positives, Tensor negatives)");
+  // squared [N, M] (Gram-form squared distances of the rows of x and ref) with the entries
+  // where close holds recomputed exactly from differences.
+  m.def("pairwise_distance_refine(Tensor squared, Tensor close, Tensor x, Tensor ref) -> Tensor");
 }
 
 // A real module init, so `import facekernels._C` loads the op registrations above.

@@ -1,6 +1,9 @@
 #include "triplet.h"
 
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
 
 #include "common/checks.h"
 
@@ -10,7 +13,7 @@ TripletInputs triplet_setup(const char* op, const at::Tensor& dist, const at::Te
                             const at::Tensor& ref_labels, int64_t mining, bool self_ref) {
   check_defined_floating(op, "dist", dist);
   check_dim(op, "dist", dist, 2);
-  TORCH_CHECK_VALUE(mining >= kMineAll && mining <= kMineFacenet, op, ": unknown mining type ",
+  TORCH_CHECK_VALUE(mining >= kMineAll && mining <= kMineEvery, op, ": unknown mining type ",
                     mining);
   TORCH_CHECK_VALUE(!self_ref || dist.size(0) == dist.size(1), op,
                     ": dist must be square when the reference set is the batch, got ",
@@ -69,4 +72,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mine_impl(
   return {anchors, positives, negatives};
 }
 
+at::Tensor pairwise_distance_refine(const at::Tensor& squared, const at::Tensor& close,
+                                    const at::Tensor& x, const at::Tensor& ref) {
+  constexpr const char* op = "pairwise_distance_refine";
+  check_defined_floating(op, "squared", squared);
+  check_dim(op, "squared", squared, 2);
+  check_dim(op, "x", x, 2);
+  check_dim(op, "ref", ref, 2);
+  TORCH_CHECK_VALUE(close.scalar_type() == at::kBool && close.sizes() == squared.sizes(), op,
+                    ": close must be a bool mask of squared's shape ", squared.sizes());
+  TORCH_CHECK_VALUE(x.size(0) == squared.size(0) && ref.size(0) == squared.size(1) &&
+                        x.size(1) == ref.size(1),
+                    op, ": x ", x.sizes(), " and ref ", ref.sizes(), " do not match squared ",
+                    squared.sizes());
+  check_same_device(op, "close", close, squared);
+  check_same_device(op, "x", x, squared);
+  check_same_device(op, "ref", ref, squared);
+  at::Tensor out = squared.contiguous().clone();
+  const at::Tensor pairs = close.nonzero();  // [K, 2], row-major
+  const auto acc = at::toOpMathType(x.scalar_type());
+  // K x D temporaries, at most ~16M elements at a time.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(x.size(1), 1));
+  at::Tensor flat = out.view({-1});
+  for (int64_t begin = 0; begin < pairs.size(0); begin += chunk) {
+    const at::Tensor part = pairs.slice(0, begin, std::min(begin + chunk, pairs.size(0)));
+    const at::Tensor rows = part.select(1, 0), cols = part.select(1, 1);
+    const at::Tensor diff = x.index_select(0, rows).to(acc) - ref.index_select(0, cols).to(acc);
+    flat.index_copy_(0, rows * squared.size(1) + cols, diff.square().sum(1).to(out.scalar_type()));
+  }
+  return out;
+}
+
 }  // namespace facekernels
+
+// Gathers and ATen reductions only: one kernel serves every device.
+TORCH_LIBRARY_IMPL(facekernels, CompositeExplicitAutograd, m) {
+  m.impl("pairwise_distance_refine", &facekernels::pairwise_distance_refine);
+}

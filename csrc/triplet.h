@@ -26,11 +26,8 @@ enum TripletMining : int64_t {
   kMineBatchHard = 4, // per anchor: the farthest positive, the nearest negative
   kMineFacenet = 5,   // per positive pair: the nearest negative farther than the
                       // positive, else the farthest negative
+  kMineEvery = 6,     // no mining: every valid triplet (PML's loss without a miner)
 };
-
-constexpr bool is_threshold_mining(int64_t mining) {
-  return mining <= kMineEasy;
-}
 
 template <typename acc_t>
 struct TripletRule {
@@ -48,6 +45,8 @@ struct TripletRule {
         return t <= margin && t <= acc_t(0);
       case kMineSemihard:
         return t <= margin && t > acc_t(0);
+      case kMineEvery:
+        return true;
       default:
         return t <= margin;
     }
@@ -152,6 +151,13 @@ C10_HOST_DEVICE inline void hardest_scan(const AnchorRow<scalar_t>& row, int64_t
 }
 
 // Device-neutral parts (triplet.cpp).
+
+// squared [N, M] with the entries where `close` holds recomputed as sum_k (x_ik - ref_jk)^2,
+// accumulated in opmath: where |x|^2 + |y|^2 - 2<x, y> cancels, the Gram form keeps only
+// about sqrt(eps) of a small distance.
+at::Tensor pairwise_distance_refine(const at::Tensor& squared, const at::Tensor& close,
+                                    const at::Tensor& x, const at::Tensor& ref);
+
 struct TripletInputs {
   at::Tensor dist;                   // contiguous [N, M]
   at::Tensor labels, ref_labels;     // contiguous int64

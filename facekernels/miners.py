@@ -3,12 +3,14 @@ directly as a loss's indices_tuple."""
 
 from torch import nn
 
+from facekernels.metric_options import check_no_stats, resolve_distance
 from facekernels.ops.checks import check_choice
-from facekernels.ops.triplet import DISTANCES, MINING, mine_triplets
+from facekernels.ops.triplet import TRIPLET_TYPES, check_margin, mine_triplets
 
 
 class TripletMiner(nn.Module):
-    """Mines triplets (a, p, n) in one pass over the pairwise distances, in O(N^2) memory.
+    """Mines triplets (a, p, n) in one pass over the pairwise distances, in O(N^2) memory;
+    a drop-in for pytorch-metric-learning's TripletMarginMiner.
 
     Args:
         margin: the miner's margin.
@@ -17,30 +19,35 @@ class TripletMiner(nn.Module):
             the farthest positive and the nearest negative) or "facenet" (per positive
             pair FaceNet's semi-hard negative, else the farthest). Anything else is a
             ValueError (PML silently falls back to "all").
-        distance: "euclidean" | "squared_euclidean" | "cosine" (a similarity, as PML's
-            CosineSimilarity: t = s_ap - s_an).
-        normalize_embeddings: L2-normalize the embeddings first (PML's default).
+        distance: "euclidean" (default) | "squared_euclidean" | "cosine" (a similarity, as
+            PML's CosineSimilarity: t = s_ap - s_an), or PML's LpDistance(p=2, power=1 or
+            2), CosineSimilarity(), DotProductSimilarity() objects.
+        normalize_embeddings: L2-normalize the embeddings first; None: True for a string
+            distance (PML's default), the object's own setting for a PML distance.
+        collect_stats: PML's statistics recording; only False is supported.
 
     ``a, p, n = miner(embeddings, labels, ref_emb=None, ref_labels=None)``: int64 on the
-    embeddings' device, lexicographically ordered, identical run to run.
+    embeddings' device, lexicographically ordered, identical run to run. Labels may have
+    any integer dtype; an empty batch gives empty tensors.
     """
 
-    def __init__(self, margin=0.2, type_of_triplets="all", distance="euclidean",
-                 normalize_embeddings=True):
+    def __init__(self, margin=0.2, type_of_triplets="all", distance=None, *,
+                 normalize_embeddings=None, collect_stats=False):
         super().__init__()
-        check_choice("TripletMiner", "type_of_triplets", type_of_triplets, MINING)
-        check_choice("TripletMiner", "distance", distance, DISTANCES)
-        self.margin = margin
+        check_choice("TripletMiner", "type_of_triplets", type_of_triplets, TRIPLET_TYPES)
+        self.margin = check_margin("TripletMiner", "margin", margin)
+        self._distance, self.normalize_embeddings = resolve_distance(
+            "TripletMiner", distance, normalize_embeddings)
+        check_no_stats("TripletMiner", collect_stats)
         self.type_of_triplets = type_of_triplets
-        self.distance = distance
-        self.normalize_embeddings = normalize_embeddings
+        self.distance = self._distance if distance is None else distance
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         return mine_triplets(
             embeddings, labels, margin=self.margin, type_of_triplets=self.type_of_triplets,
-            distance=self.distance, normalize_embeddings=self.normalize_embeddings,
+            distance=self._distance, normalize_embeddings=self.normalize_embeddings,
             ref_emb=ref_emb, ref_labels=ref_labels,
         )
 
     def extra_repr(self):
-        return f"margin={self.margin}, type_of_triplets={self.type_of_triplets!r}, distance={self.distance!r}"
+        return f"margin={self.margin}, type_of_triplets={self.type_of_triplets!r}, distance={self._distance!r}"

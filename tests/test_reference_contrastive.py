@@ -145,4 +145,4 @@ def test_double_margin_bad_arguments():
     with pytest.raises(ValueError, match="distance"):
         double_margin_contrastive_loss(SQUARE, torch.tensor([0, 0, 1, 1]), distance="manhattan")
     with pytest.raises(ValueError, match="indices_tuple"):
-        double_margin_contrastive_loss(SQUARE, None, indices_tuple=(torch.tensor([0]),) * 3)
+        double_margin_contrastive_loss(SQUARE, None, indices_tuple=(torch.tensor([0]),) * 2)

@@ -222,7 +222,7 @@ def test_loss_swap_hand_values():
 def test_loss_smooth_hand_values():
     # margin 0: (0, 1, 3) violation 0 -> softplus(0) = log 2; (0, 1, 2): softplus(sqrt(2) - 2).
     idx = (torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([3, 2]))
-    got = triplet_margin_loss(SQUARE, LABELS, margin=0.0, smooth=True, indices_tuple=idx, reduction="none")
+    got = triplet_margin_loss(SQUARE, LABELS, margin=0.0, smooth_loss=True, indices_tuple=idx, reduction="none")
     torch.testing.assert_close(got, torch.tensor([math.log(2), math.log1p(math.exp(SQRT2 - 2))], dtype=F64))
 
 
@@ -287,7 +287,7 @@ def test_gradcheck(distance, swap, smooth):
     # Fix the triplets so a finite-difference step cannot change the mined set.
     idx = mine_triplets(x.detach(), labels, margin=5.0, distance=distance)
     fn = lambda x: triplet_margin_loss(  # noqa: E731
-        x, labels, margin=0.3, distance=distance, swap=swap, smooth=smooth, indices_tuple=idx, reduction="sum"
+        x, labels, margin=0.3, distance=distance, swap=swap, smooth_loss=smooth, indices_tuple=idx, reduction="sum"
     )
     assert torch.autograd.gradcheck(fn, (x,))
 

@@ -4,7 +4,16 @@ import torch
 import torch.nn.functional as F
 
 from facekernels.ops.checks import check_choice
-from facekernels.ops.triplet import DISTANCES, pairwise_distance, resolve_reference
+from facekernels.ops.triplet import (
+    DISTANCES,
+    REDUCTIONS,
+    check_indices,
+    check_margin,
+    nan_if_any,
+    pairwise_distance,
+    resolve_reference,
+    to_pairs,
+)
 
 
 def contrastive_loss(emb1, emb2, y, margin=1.0):
@@ -24,40 +33,67 @@ def contrastive_loss(emb1, emb2, y, margin=1.0):
     return (0.5 * (1 - y) * d.square() + 0.5 * y * F.relu(margin - d).square()).mean()
 
 
-def _mean_nonzero(terms, mask):
-    terms = terms * mask
-    return terms.sum() / (terms > 0).sum().clamp_min(1)
+def contrastive_pair_losses(embeddings, labels=None, *, pos_margin=0.0, neg_margin=1.0,
+                            distance="euclidean", normalize_embeddings=True, indices_tuple=None,
+                            ref_emb=None, ref_labels=None):
+    """(pos_losses, neg_losses, (a1, p, a2, n), dist): pytorch-metric-learning's
+    ContrastiveLoss terms over the given pairs (triplets (a, p, n) become (a, p, a, n), as
+    PML converts them; duplicates count as often as they are given), else over every pair
+    of the batch with the reference set (i != j when that is the batch itself)."""
+    op = "ContrastiveLoss"
+    check_choice(op, "distance", distance, DISTANCES)
+    pos_margin = check_margin(op, "pos_margin", pos_margin)
+    neg_margin = check_margin(op, "neg_margin", neg_margin)
+    if labels is None and indices_tuple is None:
+        raise ValueError(f"{op}: labels are required when indices_tuple is not given")
+    labels, ref, ref_labels, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)
+    if indices_tuple is not None:
+        a1, p, a2, n = to_pairs(check_indices(op, indices_tuple, embeddings, ref))
+    else:
+        same = labels[:, None] == ref_labels[None, :]
+        positive = same.clone()
+        if self_ref:
+            positive.fill_diagonal_(False)
+        a1, p = torch.nonzero(positive, as_tuple=True)
+        a2, n = torch.nonzero(~same, as_tuple=True)
+    d = pairwise_distance(embeddings, None if self_ref else ref, distance, normalize_embeddings)
+    pos, neg = d[a1, p], d[a2, n]
+    if distance == "cosine":
+        pos_losses, neg_losses = F.relu(pos_margin - pos), F.relu(neg - neg_margin)
+    else:
+        pos_losses, neg_losses = F.relu(pos - pos_margin), F.relu(neg_margin - neg)
+    return pos_losses, neg_losses, (a1, p, a2, n), d
+
+
+def _reduce_part(losses, reduction):
+    """One part (positive or negative pairs): 0, still in the graph, when it has no pairs."""
+    if reduction == "mean_nonzero":
+        return losses.sum() / (losses > 0).sum().clamp_min(1)
+    if reduction == "mean":
+        return losses.sum() / max(losses.numel(), 1)
+    return losses.sum()
 
 
 def double_margin_contrastive_loss(embeddings, labels=None, *, pos_margin=0.0, neg_margin=1.0,
-                                   distance="euclidean", normalize_embeddings=True,
-                                   indices_tuple=None):
-    """pytorch-metric-learning's ContrastiveLoss: over the ordered pairs i != j of the
-    batch, positives give relu(d - pos_margin) and negatives relu(neg_margin - d) (for
-    "cosine", a similarity s: relu(pos_margin - s) and relu(s - neg_margin)); each part is
-    averaged over its non-zero terms and the parts are summed. indices_tuple
-    (a1, p, a2, n) restricts the pairs."""
-    op = "ContrastiveLoss"
-    check_choice(op, "distance", distance, DISTANCES)
-    resolve_reference(op, embeddings, labels, None, None)
-    d = pairwise_distance(embeddings, None, distance, normalize_embeddings)
-    if indices_tuple is None:
-        if labels is None:
-            raise ValueError(f"{op}: labels are required when indices_tuple is not given")
-        same = labels[:, None] == labels[None, :]
-        positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-        negative = ~same
-    else:
-        if len(indices_tuple) != 4:
-            raise ValueError(f"{op}: indices_tuple must be (anchors1, positives, anchors2, negatives)")
-        a1, p, a2, n = indices_tuple
-        positive = torch.zeros_like(d, dtype=torch.bool).index_put((a1, p), torch.tensor(True, device=d.device))
-        negative = torch.zeros_like(d, dtype=torch.bool).index_put((a2, n), torch.tensor(True, device=d.device))
-    if distance == "cosine":
-        pos_terms, neg_terms = F.relu(pos_margin - d), F.relu(d - neg_margin)
-    else:
-        pos_terms, neg_terms = F.relu(d - pos_margin), F.relu(neg_margin - d)
-    return _mean_nonzero(pos_terms, positive) + _mean_nonzero(neg_terms, negative)
+                                   distance="euclidean", reduction="mean_nonzero",
+                                   normalize_embeddings=True, indices_tuple=None, ref_emb=None,
+                                   ref_labels=None):
+    """pytorch-metric-learning's ContrastiveLoss: positive pairs give relu(d - pos_margin)
+    and negative pairs relu(neg_margin - d) (for "cosine", a similarity s:
+    relu(pos_margin - s) and relu(s - neg_margin)); each part is reduced by "mean_nonzero"
+    (over its terms > 0), "mean" or "sum", and the parts are summed; "none" returns the two
+    parts' terms. Pairs as in contrastive_pair_losses. Any NaN distance makes a reduced
+    loss NaN; an empty batch gives 0, still in the graph."""
+    check_choice("ContrastiveLoss", "reduction", reduction, REDUCTIONS)
+    pos_losses, neg_losses, _, d = contrastive_pair_losses(
+        embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin, distance=distance,
+        normalize_embeddings=normalize_embeddings, indices_tuple=indices_tuple, ref_emb=ref_emb,
+        ref_labels=ref_labels,
+    )
+    if reduction == "none":
+        return pos_losses, neg_losses
+    loss = _reduce_part(pos_losses, reduction) + _reduce_part(neg_losses, reduction)
+    return nan_if_any(loss, d)
 
 
 def verification_loss(embeddings, labels, margin=1.0):

@@ -1,42 +1,130 @@
-"""triplet: pairwise distances from one GEMM, triplet mining and the triplet margin loss
-in O(N^2) memory (facekernels::triplet_margin_forward / triplet_mine)."""
+"""triplet: pairwise distances from one GEMM (refined where the Gram form cancels),
+triplet mining and the triplet margin loss in O(N^2) memory
+(facekernels::triplet_margin_forward / triplet_mine / pairwise_distance_refine)."""
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from facekernels.ops.checks import check_choice, check_embeddings, check_labels
+from facekernels.ops.checks import check_choice, check_embeddings, check_device
 
-MINING = {"all": 0, "hard": 1, "semihard": 2, "easy": 3, "batch_hard": 4, "facenet": 5}
+# None: no mining, every valid triplet (pytorch-metric-learning's loss without a miner).
+MINING = {"all": 0, "hard": 1, "semihard": 2, "easy": 3, "batch_hard": 4, "facenet": 5, None: 6}
+TRIPLET_TYPES = tuple(name for name in MINING if name is not None)
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 REDUCTIONS = ("mean_nonzero", "mean", "sum", "none")
 
+# |a|^2 + |b|^2 - 2<a, b> has an absolute error of a few eps (|a|^2 + |b|^2); below this
+# fraction of |a|^2 + |b|^2 the squared distance is recomputed from differences, so every
+# distance keeps a relative error of a few ulps (a cosine above 1/2 for unit vectors).
+CANCELLATION = 0.5
+
+
+def metric_labels(op, name, labels, embeddings):
+    """Labels of any integer dtype, as int64 on the embeddings' device (PML moves them too)."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must be an integer tensor, got "
+                        f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.shape != (embeddings.shape[0],):
+        raise ValueError(f"{op}: {name} must have shape [{embeddings.shape[0]}] to match the "
+                         f"{'ref_emb' if name == 'ref_labels' else 'embeddings'}, got {tuple(labels.shape)}")
+    return labels.to(device=embeddings.device, dtype=torch.int64)
+
 
 def resolve_reference(op, embeddings, labels, ref_emb, ref_labels):
-    """(ref_emb, ref_labels, self_ref): the reference set, the batch itself by default."""
-    check_embeddings(op, embeddings)
+    """(labels, ref_emb, ref_labels, self_ref): labels as int64 (or None), and the reference
+    set, the batch itself by default."""
+    check_embeddings(op, embeddings, allow_empty=True)
     if labels is not None:
-        check_labels(op, labels, embeddings)
+        labels = metric_labels(op, "labels", labels, embeddings)
     if ref_emb is None:
         if ref_labels is not None:
             raise ValueError(f"{op}: ref_labels given without ref_emb")
-        return embeddings, labels, True
+        return labels, embeddings, labels, True
     if ref_labels is None:
         raise ValueError(f"{op}: ref_labels is required when ref_emb is given")
-    check_embeddings(op, ref_emb, "ref_emb")
-    check_labels(op, ref_labels, ref_emb, "ref_labels")
+    check_embeddings(op, ref_emb, "ref_emb", allow_empty=True)
+    if ref_emb.dtype != embeddings.dtype:
+        raise TypeError(f"{op}: ref_emb must have the embeddings' dtype {embeddings.dtype}, "
+                        f"got {ref_emb.dtype}")
+    check_device(op, "ref_emb", ref_emb, embeddings)
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"{op}: ref_emb must have {embeddings.shape[1]} columns like the embeddings, "
             f"got shape {tuple(ref_emb.shape)}"
         )
-    return ref_emb, ref_labels, False
+    return labels, ref_emb, metric_labels(op, "ref_labels", ref_labels, ref_emb), False
+
+
+def check_indices(op, indices_tuple, rows, columns):
+    """indices_tuple (a, p, n) or (a1, p, a2, n) as int64 on the device of the distances:
+    anchors index `rows` rows, the others `columns` columns; pairs have equal lengths."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(f"{op}: indices_tuple must be (anchors, positives, negatives) or "
+                         f"(anchors1, positives, anchors2, negatives), got {type(indices_tuple).__name__}"
+                         f" of length {len(indices_tuple) if hasattr(indices_tuple, '__len__') else '?'}")
+    names = ("anchors", "positives", "negatives") if len(indices_tuple) == 3 else \
+        ("anchors1", "positives", "anchors2", "negatives")
+    checked = []
+    for name, index in zip(names, indices_tuple):
+        if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.is_complex() \
+                or index.dtype == torch.bool:
+            raise TypeError(f"{op}: indices_tuple's {name} must be an integer tensor, got "
+                            f"{getattr(index, 'dtype', type(index).__name__)}")
+        if index.dim() != 1:
+            raise ValueError(f"{op}: indices_tuple's {name} must be 1-D, got shape {tuple(index.shape)}")
+        bound = rows.shape[0] if name.startswith("anchors") else columns.shape[0]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
+            raise ValueError(f"{op}: indices_tuple's {name} must lie in [0, {bound}), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        checked.append(index.to(device=rows.device, dtype=torch.int64))
+    lengths = [len(index) for index in checked]
+    if (len(checked) == 3 and len(set(lengths)) != 1) or \
+            (len(checked) == 4 and (lengths[0] != lengths[1] or lengths[2] != lengths[3])):
+        raise ValueError(f"{op}: indices_tuple's {' / '.join(names)} must pair up, got lengths {lengths}")
+    return tuple(checked)
+
+
+def to_triplets(indices_tuple):
+    """PML's conversion of pairs (a1, p, a2, n) to triplets: every positive pair with every
+    negative pair of the same anchor."""
+    if len(indices_tuple) == 3:
+        return indices_tuple
+    a1, p, a2, n = indices_tuple
+    i, j = torch.where(a1[:, None] == a2[None, :])
+    return a1[i], p[i], n[j]
+
+
+def to_pairs(indices_tuple):
+    """PML's conversion of triplets (a, p, n) to pairs (a, p, a, n)."""
+    if len(indices_tuple) == 4:
+        return indices_tuple
+    a, p, n = indices_tuple
+    return a, p, a, n
+
+
+@torch.library.register_fake("facekernels::pairwise_distance_refine")
+def _(squared, close, x, ref):
+    return torch.empty_like(squared, memory_format=torch.contiguous_format)
+
+
+def _refine_backward(ctx, grad):
+    # The refinement corrects values only: the gradient is the Gram form's, equal in exact
+    # arithmetic.
+    return grad, None, None, None
+
+
+torch.library.register_autograd("facekernels::pairwise_distance_refine", _refine_backward)
 
 
 def pairwise_distance(x, ref=None, distance="euclidean", normalize_embeddings=True):
     """All-pairs [N, M] between the rows of x and ref (x itself when None), from one GEMM:
-    |a|^2 + |b|^2 - 2 a.b clamped at 0, exactly 0 on the diagonal of x against itself,
-    with a square root whose gradient is 0 (not NaN) at distance 0. "cosine" returns the
-    similarity a.b (larger = closer)."""
+    |a|^2 + |b|^2 - 2 a.b, recomputed from differences where it cancels (see
+    CANCELLATION), clamped at 0, exactly 0 on the diagonal of x against itself, with a
+    square root whose gradient is 0 (not NaN) at distance 0. A NaN row gives NaN
+    distances. "cosine" returns the similarity a.b (larger = closer)."""
     check_choice("pairwise_distance", "distance", distance, DISTANCES)
     self_ref = ref is None
     if normalize_embeddings:
@@ -47,21 +135,30 @@ def pairwise_distance(x, ref=None, distance="euclidean", normalize_embeddings=Tr
     inner = x @ ref.t()
     if distance == "cosine":
         return inner
-    squared = (x * x).sum(1, keepdim=True) + (ref * ref).sum(1) - 2.0 * inner
-    squared = squared.clamp_min(0.0)
+    norms = (x * x).sum(1, keepdim=True) + (ref * ref).sum(1)
+    squared = norms - 2.0 * inner
+    close = squared < CANCELLATION * norms
+    squared = torch.ops.facekernels.pairwise_distance_refine(squared, close, x, ref).clamp_min(0.0)
     if self_ref:
         eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
         squared = squared.masked_fill(eye, 0.0)
     if distance == "squared_euclidean":
         return squared
     positive = squared > 0
-    return torch.where(positive, squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt(), 0.0)
+    # squared * 0 keeps NaN where the distance is NaN, and 0 (gradient 0) where it is 0.
+    return torch.where(positive, squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt(), squared * 0)
 
 
 def dissimilarity(x, ref, distance, normalize_embeddings):
     """pairwise_distance oriented so that larger always means farther."""
     d = pairwise_distance(x, ref, distance, normalize_embeddings)
     return -d if distance == "cosine" else d
+
+
+def nan_if_any(loss, dist):
+    """NaN when any distance is NaN: a finite loss whose gradients are NaN in every row
+    (what dropping NaN triplets gives) would hide the bad embedding."""
+    return torch.where(dist.isnan().any(), torch.full_like(loss, math.nan), loss)
 
 
 @torch.library.register_fake("facekernels::triplet_margin_forward")
@@ -92,6 +189,11 @@ torch.library.register_autograd(
 )
 
 
+def _empty_triplets(embeddings):
+    empty = torch.empty(0, dtype=torch.int64, device=embeddings.device)
+    return empty, empty.clone(), empty.clone()
+
+
 def mine_triplets(embeddings, labels, *, margin=0.2, type_of_triplets="all",
                   distance="euclidean", normalize_embeddings=True, ref_emb=None, ref_labels=None):
     """Triplets (a, p, n) as int64 tensors on the embeddings' device, in lexicographic
@@ -100,30 +202,49 @@ def mine_triplets(embeddings, labels, *, margin=0.2, type_of_triplets="all",
     "easy" t > margin; plus "batch_hard" (per anchor the farthest positive and the nearest
     negative) and "facenet" (per positive pair the nearest negative farther than the
     positive, else the farthest negative). a indexes embeddings, p and n the reference set
-    (ref_emb, or embeddings itself with a != p)."""
+    (ref_emb, or embeddings itself with a != p). A triplet with a NaN distance is never
+    mined (as in PML); the loss over such a batch is NaN."""
     op = "TripletMiner"
-    check_choice(op, "type_of_triplets", type_of_triplets, MINING)
+    check_choice(op, "type_of_triplets", type_of_triplets, TRIPLET_TYPES)
     check_choice(op, "distance", distance, DISTANCES)
-    ref, columns, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)
+    margin = check_margin(op, "margin", margin)
     if labels is None:
         raise ValueError(f"{op}: labels are required")
+    labels, ref, columns, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)
+    if embeddings.shape[0] == 0 or ref.shape[0] == 0:
+        return _empty_triplets(embeddings)
     with torch.no_grad():
         dist = dissimilarity(embeddings, None if self_ref else ref, distance, normalize_embeddings)
         return torch.ops.facekernels.triplet_mine(
-            dist, labels, columns, float(margin), MINING[type_of_triplets], self_ref
+            dist, labels, columns, margin, MINING[type_of_triplets], self_ref
         )
 
 
-def _indexed_loss(dist, indices_tuple, swap_dist, margin, smooth, reduction):
-    """The loss over given triplets: O(T) memory, for indices from any miner."""
-    a, p, n = indices_tuple
-    d_ap, d_an = dist[a, p], dist[a, n]
-    if swap_dist is not None:
-        d_an = torch.minimum(d_an, swap_dist[p, n])
-    violation = d_ap - d_an + margin
-    losses = F.softplus(violation) if smooth else F.relu(violation)
-    if reduction == "none":
-        return losses
+def check_margin(op, name, value):
+    """A finite real margin, as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def sample_triplets(labels, ref_labels, self_ref, per_anchor):
+    """PML's triplets_per_anchor=k: per anchor with a positive and a negative, k triplets of
+    a uniformly drawn positive and negative (with replacement; torch's global generator)."""
+    same = labels[:, None] == ref_labels[None, :]
+    positive = same.clone()
+    if self_ref:
+        positive.fill_diagonal_(False)
+    negative = ~same
+    anchors = (positive.any(1) & negative.any(1)).nonzero().squeeze(1)
+    if anchors.numel() == 0:
+        empty = anchors.new_empty(0)
+        return empty, empty.clone(), empty.clone()
+    p = torch.multinomial(positive[anchors].float(), per_anchor, replacement=True)
+    n = torch.multinomial(negative[anchors].float(), per_anchor, replacement=True)
+    return anchors.repeat_interleave(per_anchor), p.flatten(), n.flatten()
+
+
+def _reduce(losses, reduction):
     if reduction == "mean_nonzero":
         return losses.sum() / (losses > 0).sum().clamp_min(1)
     if reduction == "mean":
@@ -131,45 +252,93 @@ def _indexed_loss(dist, indices_tuple, swap_dist, margin, smooth, reduction):
     return losses.sum()
 
 
-def triplet_margin_loss(embeddings, labels=None, *, margin=0.2, mining="all",
-                        distance="euclidean", reduction="mean_nonzero", swap=False,
-                        smooth=False, normalize_embeddings=True, indices_tuple=None,
-                        ref_emb=None, ref_labels=None):
-    """Triplet margin loss (Schroff et al. 2015) with pytorch-metric-learning's semantics:
-    per triplet relu(d_ap - d_an + margin) (softplus when smooth; for cosine,
-    s_an - s_ap + margin; swap replaces d_an by min(d_an, d_pn)), reduced by
-    "mean_nonzero" (mean over the terms > 0, 0 if none), "mean", "sum" or "none".
-
-    Without indices_tuple the triplets are mined with `mining` and the same margin and the
-    loss is evaluated in one fused pass over the pairwise distances: no triplet list, no
-    N^3 temporary. With indices_tuple (from any miner, PML's included), or with swap or
-    reduction="none", the loss is gathered over the given or mined triplets (memory O(T)).
-    """
-    op = "TripletMarginLoss"
+def _setup_loss(op, embeddings, labels, margin, mining, distance, triplets_per_anchor,
+                normalize_embeddings, indices_tuple, ref_emb, ref_labels):
+    """Checks the arguments; returns (margin, labels, ref, ref_labels, self_ref, triplets),
+    triplets being the given (or converted) list, a drawn one, or None (every / mined)."""
     check_choice(op, "mining", mining, MINING)
     check_choice(op, "distance", distance, DISTANCES)
-    check_choice(op, "reduction", reduction, REDUCTIONS)
-    ref, columns, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)
-    dist = dissimilarity(embeddings, None if self_ref else ref, distance, normalize_embeddings)
-    if indices_tuple is not None or swap or reduction == "none":
-        if indices_tuple is None:
-            indices_tuple = mine_triplets(
-                embeddings, labels, margin=margin, type_of_triplets=mining, distance=distance,
-                normalize_embeddings=normalize_embeddings, ref_emb=ref_emb, ref_labels=ref_labels,
-            )
-        if len(indices_tuple) != 3:
-            raise ValueError(f"{op}: indices_tuple must be (anchors, positives, negatives)")
-        swap_dist = None
-        if swap:  # p and n both index the reference set
-            swap_dist = dist if self_ref else dissimilarity(ref, None, distance, normalize_embeddings)
-        return _indexed_loss(dist, indices_tuple, swap_dist, margin, smooth, reduction)
-    if labels is None:
+    margin = check_margin(op, "margin", margin)
+    if triplets_per_anchor != "all" and (isinstance(triplets_per_anchor, bool) or
+                                         not isinstance(triplets_per_anchor, int) or triplets_per_anchor < 1):
+        raise ValueError(f'{op}: triplets_per_anchor must be "all" or a positive int, got {triplets_per_anchor!r}')
+    if labels is None and indices_tuple is None:
         raise ValueError(f"{op}: labels are required when indices_tuple is not given")
+    labels, ref, columns, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)
+    if indices_tuple is not None:
+        indices_tuple = to_triplets(check_indices(op, indices_tuple, embeddings, ref))
+    elif triplets_per_anchor != "all" and mining is None:
+        indices_tuple = sample_triplets(labels, columns, self_ref, triplets_per_anchor)
+    return margin, labels, ref, columns, self_ref, indices_tuple
+
+
+def triplet_margin_terms(embeddings, labels=None, *, margin=0.05, mining=None,
+                         distance="euclidean", swap=False, smooth_loss=False,
+                         triplets_per_anchor="all", normalize_embeddings=True, indices_tuple=None,
+                         ref_emb=None, ref_labels=None):
+    """(terms, (a, p, n), dist): each triplet's loss, the triplets (as in
+    triplet_margin_loss) and the distance matrix they were read from, gathered over the
+    list (memory O(T))."""
+    op = "TripletMarginLoss"
+    margin, labels, ref, columns, self_ref, indices_tuple = _setup_loss(
+        op, embeddings, labels, margin, mining, distance, triplets_per_anchor,
+        normalize_embeddings, indices_tuple, ref_emb, ref_labels)
+    if embeddings.shape[0] == 0 or ref.shape[0] == 0:
+        return embeddings.new_zeros(0), indices_tuple or _empty_triplets(embeddings), \
+            embeddings.new_zeros(embeddings.shape[0], ref.shape[0])
+    dist = dissimilarity(embeddings, None if self_ref else ref, distance, normalize_embeddings)
+    if indices_tuple is None:
+        indices_tuple = torch.ops.facekernels.triplet_mine(
+            dist.detach(), labels, columns, margin, MINING[mining], self_ref)
+    a, p, n = indices_tuple
+    d_ap, d_an = dist[a, p], dist[a, n]
+    if swap:  # p and n both index the reference set
+        swap_dist = dist if self_ref else dissimilarity(ref, None, distance, normalize_embeddings)
+        d_an = torch.minimum(d_an, swap_dist[p, n])
+    violation = d_ap - d_an + margin
+    return (F.softplus(violation) if smooth_loss else F.relu(violation)), indices_tuple, dist
+
+
+def triplet_margin_loss(embeddings, labels=None, *, margin=0.05, mining=None,
+                        distance="euclidean", reduction="mean_nonzero", swap=False,
+                        smooth_loss=False, triplets_per_anchor="all", normalize_embeddings=True,
+                        indices_tuple=None, ref_emb=None, ref_labels=None):
+    """Triplet margin loss (Schroff et al. 2015) with pytorch-metric-learning's semantics:
+    per triplet relu(d_ap - d_an + margin) (softplus when smooth_loss; for cosine,
+    s_an - s_ap + margin; swap replaces d_an by min(d_an, d_pn), d_pn between reference
+    rows), reduced by "mean_nonzero" (mean over the terms > 0, 0 if none), "mean", "sum" or
+    "none" (the per-triplet terms).
+
+    The triplets: indices_tuple (from any miner, PML's included; pairs (a1, p, a2, n) are
+    converted as PML does), else every valid triplet (mining=None, PML's loss without a
+    miner; triplets_per_anchor=k draws k per anchor instead), else those mined with
+    `mining` and the same margin. Every valid triplet or a mined set is evaluated in one
+    fused pass over the pairwise distances: no triplet list, no N^3 temporary; a given or
+    drawn list, swap, or reduction="none" gathers over the list (memory O(T)). Any NaN
+    distance makes a reduced loss NaN. An empty batch gives 0, still in the graph.
+    """
+    op = "TripletMarginLoss"
+    check_choice(op, "reduction", reduction, REDUCTIONS)
+    kw = dict(margin=margin, mining=mining, distance=distance, triplets_per_anchor=triplets_per_anchor,
+              normalize_embeddings=normalize_embeddings, ref_emb=ref_emb, ref_labels=ref_labels)
+    margin, labels, ref, columns, self_ref, triplets = _setup_loss(
+        op, embeddings, labels, indices_tuple=indices_tuple, **kw)
+    if triplets is not None or swap or reduction == "none":
+        terms, _, dist = triplet_margin_terms(embeddings, labels, swap=swap, smooth_loss=smooth_loss,
+                                              indices_tuple=triplets, **kw)
+        if reduction == "none":
+            return terms
+        return nan_if_any(_reduce(terms, reduction) + (embeddings * 0).sum(), dist)
+    if embeddings.shape[0] == 0 or ref.shape[0] == 0:
+        return (embeddings * 0).sum()
+    dist = dissimilarity(embeddings, None if self_ref else ref, distance, normalize_embeddings)
     loss_sum, active, count, _ = torch.ops.facekernels.triplet_margin_forward(
-        dist, labels, columns, float(margin), MINING[mining], self_ref, bool(smooth)
+        dist, labels, columns, margin, MINING[mining], self_ref, bool(smooth_loss)
     )
     if reduction == "mean_nonzero":
-        return loss_sum / active.clamp_min(1)
-    if reduction == "mean":
-        return loss_sum / count.clamp_min(1)
-    return loss_sum
+        loss = loss_sum / active.clamp_min(1)
+    elif reduction == "mean":
+        loss = loss_sum / count.clamp_min(1)
+    else:
+        loss = loss_sum
+    return nan_if_any(loss, dist)

@@ -29,11 +29,14 @@ def pairwise_distance(
     ``"cosine"``: the similarity ``<a, b>`` (larger means closer). The Euclidean
     gradient is 0, not NaN, for identical points.
 
-    Distances take the Gram form ``|a|^2 + |b|^2 - 2 <a, b>`` (clamped at 0, and exactly 0
-    on the diagonal when y is None), which is also what pytorch-metric-learning gets from
-    ``torch.cdist`` for batches over 25 rows. Losses averaged over their terms > 0 jump
-    when a term crosses 0, so a fused loss agrees with this oracle to fp32 rounding only
-    if both see the same rounded distances, not merely distances a few ulps apart.
+    Distances take the Gram form ``|a|^2 + |b|^2 - 2 <a, b>``, except where it cancels:
+    below half of ``|a|^2 + |b|^2`` (a cosine above 1/2 for unit vectors) the squared
+    distance is recomputed as ``sum_k (a_k - b_k)^2``, accumulated in float32 at least, so
+    that close points keep a relative error of a few ulps (the Gram form's absolute error,
+    a few eps (|a|^2 + |b|^2), would swamp a distance of 1e-4). The result is clamped at
+    0 and exactly 0 on the diagonal when y is None. Losses averaged over their terms > 0
+    jump when a term crosses 0, so a fused loss agrees with this oracle to fp32 rounding
+    only if both see the same rounded distances: the rule above is the kernel's.
 
     The metric of Schroff, Kalenichenko, Philbin 2015, "FaceNet: A Unified Embedding for
     Face Recognition and Clustering".
@@ -48,15 +51,24 @@ def pairwise_distance(
     gram = x @ y.t()
     if distance == "cosine":
         return gram
-    squared = ((x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * gram).clamp_min(0.0)
+    norms = (x * x).sum(1, keepdim=True) + (y * y).sum(1)
+    squared = norms - 2.0 * gram
+    rows, cols = torch.nonzero(squared < 0.5 * norms, as_tuple=True)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    exact = (x[rows].to(acc) - y[cols].to(acc)).square().sum(1).to(squared.dtype)
+    # Values only: the gradient stays the Gram form's, equal in exact arithmetic.
+    picked = squared[rows, cols]
+    squared = squared.index_put((rows, cols), exact.detach() + (picked - picked.detach()))
+    squared = squared.clamp_min(0.0)
     if self_ref:
         squared = squared * (1 - torch.eye(*squared.shape, dtype=squared.dtype, device=squared.device))
     if distance == "squared_euclidean":
         return squared
     # sqrt's derivative is infinite at 0; feed it 1 there and drop the branch, so the
     # gradient for identical points is 0 rather than NaN.
+    # A NaN distance stays NaN (squared * 0).
     positive = squared > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, squared, 1.0)), 0.0)
+    return torch.where(positive, torch.sqrt(torch.where(positive, squared, 1.0)), squared * 0)
 
 
 def _dissimilarity(mat: torch.Tensor, distance: str) -> torch.Tensor:
@@ -111,10 +123,13 @@ def mine_triplets(
       (semi-hard), else the farthest negative (Schroff, Kalenichenko, Philbin 2015,
       "FaceNet: A Unified Embedding for Face Recognition and Clustering").
 
-    Ties go to the smallest index. ``margin`` is unused by "batch_hard" and "facenet".
+    - ``None``: every valid triplet, whatever its distances (a NaN distance excludes a
+      triplet from every other type, as in PML).
+
+    Ties go to the smallest index. ``margin`` is unused by "batch_hard", "facenet" and None.
     """
     op = "mine_triplets"
-    _check_choice(op, "type_of_triplets", type_of_triplets, _TRIPLET_TYPES)
+    _check_choice(op, "type_of_triplets", type_of_triplets, _TRIPLET_TYPES + (None,))
     _check_choice(op, "distance", distance, _DISTANCES)
     ref, ref_labels, self_ref = _resolve_ref(op, embeddings, labels, ref_emb, ref_labels)
     with torch.no_grad():
@@ -148,7 +163,9 @@ def mine_triplets(
 
         valid = pos[:, :, None] & neg[:, None, :]  # [N, M, M] over (a, p, n)
         t = dis[:, None, :] - dis[:, :, None]  # t[a, p, n] = d_an - d_ap
-        if type_of_triplets == "easy":
+        if type_of_triplets is None:
+            cond = torch.ones_like(valid)
+        elif type_of_triplets == "easy":
             cond = t > margin
         else:
             cond = t <= margin
@@ -165,31 +182,32 @@ def triplet_margin_loss(
     embeddings: torch.Tensor,
     labels: Optional[torch.Tensor],
     *,
-    margin: float = 0.2,
-    mining: str = "all",
+    margin: float = 0.05,
+    mining: Optional[str] = None,
     distance: str = "euclidean",
     reduction: str = "mean_nonzero",
     swap: bool = False,
-    smooth: bool = False,
+    smooth_loss: bool = False,
     normalize_embeddings: bool = True,
     indices_tuple: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     ref_emb: Optional[torch.Tensor] = None,
     ref_labels: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Triplet margin loss over the triplets ``indices_tuple = (a, p, n)``, or over those
-    mined by :func:`mine_triplets` with ``type_of_triplets=mining`` and the same margin.
+    mined by :func:`mine_triplets` with ``type_of_triplets=mining`` and the same margin
+    (``mining=None``, the default: every valid triplet, as PML's loss without a miner).
 
     Per triplet ``v = d_ap - d_an + margin`` (cosine similarity: ``s_an - s_ap + margin``);
     with ``swap`` (Balntas et al. 2016) ``d_an`` becomes ``min(d_an, d_pn)``
     (cosine: ``max(s_an, s_pn)``). The term is ``relu(v)``, or ``softplus(v)`` when
-    ``smooth``. ``reduction``: "mean_nonzero" (mean over the terms > 0, PML's default),
+    ``smooth_loss``. ``reduction``: "mean_nonzero" (mean over the terms > 0, PML's default),
     "mean", "sum" or "none". With no triplets the reduced loss is 0 with zero gradient.
 
     Schroff, Kalenichenko, Philbin 2015, "FaceNet: A Unified Embedding for Face
     Recognition and Clustering".
     """
     op = "triplet_margin_loss"
-    _check_choice(op, "mining", mining, _TRIPLET_TYPES)
+    _check_choice(op, "mining", mining, _TRIPLET_TYPES + (None,))
     _check_choice(op, "distance", distance, _DISTANCES)
     _check_choice(op, "reduction", reduction, _TRIPLET_REDUCTIONS)
     ref, _, self_ref = _resolve_ref(op, embeddings, labels, ref_emb, ref_labels)
@@ -216,7 +234,7 @@ def triplet_margin_loss(
         d_pn = _dissimilarity(pairwise_distance(ref, None, distance, normalize_embeddings), distance)[p, n]
         d_an = torch.minimum(d_an, d_pn)
     violation = d_ap - d_an + margin
-    losses = F.softplus(violation) if smooth else F.relu(violation)
+    losses = F.softplus(violation) if smooth_loss else F.relu(violation)
 
     if reduction == "none":
         return losses
