@@ -13,7 +13,13 @@ from facekernels.ops.contrastive import (
 )
 from facekernels.ops.margin_softmax import check_modes, fused_margin_loss
 from facekernels.ops.checks import check_choice, check_number
-from facekernels.ops.triplet import MINING, check_margin, triplet_margin_loss, triplet_margin_terms
+from facekernels.ops.triplet import (
+    MINING,
+    check_margin,
+    check_triplets_per_anchor,
+    triplet_margin_loss,
+    triplet_margin_terms,
+)
 
 _CENTER_UPDATES = ("paper", "gradient")
 
@@ -283,6 +289,7 @@ class TripletMarginLoss(_MetricLoss):
         super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight,
                          collect_stats, normalize_embeddings)
         check_choice("TripletMarginLoss", "mining", mining, MINING)
+        check_triplets_per_anchor("TripletMarginLoss", triplets_per_anchor)
         if triplets_per_anchor != "all" and mining is not None:
             raise ValueError("TripletMarginLoss: triplets_per_anchor draws triplets, mining "
                              "selects them; give one of the two")

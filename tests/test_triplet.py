@@ -217,9 +217,10 @@ def test_opcheck(device):
         )
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("mining", [None, "semihard"])
+def test_torch_compile_fullgraph(device, mining):
     torch._dynamo.reset()
-    criterion = facekernels.TripletMarginLoss(0.2, mining="semihard")
+    criterion = facekernels.TripletMarginLoss(0.2, mining=mining)
     compiled = torch.compile(criterion, fullgraph=True)
     x, labels = make_batch(24, 8, 4, device, torch.float32)
     got = losses_and_grads(compiled, x, labels)
@@ -291,3 +292,91 @@ def test_bad_input_is_a_clear_error(call, error, message):
     x, labels = make_batch(10, 4, 3, "cpu")
     with pytest.raises(error, match=message):
         call(x, labels)
+
+
+def near_duplicates(gap, device, dtype=torch.float32):
+    """64 unit vectors and a copy of each moved about `gap` along the sphere, D=128."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(64, 128, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(x + gap * torch.randn(64, 128, generator=g, dtype=torch.float64) / 128**0.5, dim=1)
+    return torch.cat([x, y]).to(device, dtype)
+
+
+@pytest.mark.parametrize("gap", [1e-2, 1e-4, 1e-5])
+def test_distances_of_near_duplicates_are_accurate(device, gap):
+    # The Gram form alone is off by 670% at gap 1e-4 (its absolute error is ~eps, not
+    # eps * d); refined, every distance is within a few fp32 ulps of the fp64 truth.
+    z = near_duplicates(gap, device)
+    truth = torch.cdist(z.double(), z.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    off = ~torch.eye(len(z), dtype=torch.bool, device=device)
+    for got, want in ((facekernels.pairwise_distance(z, normalize_embeddings=False), truth),
+                      (facekernels.pairwise_distance(z, distance="squared_euclidean",
+                                                     normalize_embeddings=False), truth.square()),
+                      (facekernels.pairwise_distance(z[:64], z[64:], normalize_embeddings=False), truth[:64, 64:])):
+        mask = off if got.shape == off.shape else torch.ones_like(got, dtype=torch.bool)
+        ulps = ((got.double() - want).abs() / want)[mask].max() / torch.finfo(torch.float32).eps
+        assert ulps <= 4, f"{ulps:.1f} ulps"
+    # The reference applies the same rule and rounds alike.
+    assert torch.equal(facekernels.pairwise_distance(z), reference.pairwise_distance(z))
+
+
+def test_near_duplicate_triplets_are_classified_as_with_exact_distances():
+    # An anchor, its positive 1e-4 away, and two negatives 5e-7 nearer and farther than the
+    # positive: one hard and one semi-hard triplet, which the Gram form's rounding confused.
+    z = near_duplicates(1e-4, "cpu", torch.float64)
+    anchor, positive = z[0], z[64]
+    direction = torch.nn.functional.normalize(positive - anchor, dim=0)
+    d_ap = (positive - anchor).norm()
+    negatives = [torch.nn.functional.normalize(anchor + (d_ap + step) * direction, dim=0)
+                 for step in (-5e-7, 5e-7)]
+    x = torch.stack([anchor, positive, *negatives]).float()
+    labels = torch.tensor([0, 0, 1, 1])
+    exact = torch.cdist(x.double(), x.double())
+    assert exact[0, 2] < exact[0, 1] < exact[0, 3]
+    for kind, want in (("hard", {(0, 1, 2)}), ("semihard", {(0, 1, 3)})):
+        a, p, n = facekernels.mine_triplets(x, labels, margin=1e-5, type_of_triplets=kind,
+                                            normalize_embeddings=False)
+        assert {tr for tr in zip(a.tolist(), p.tolist(), n.tolist()) if tr[0] == 0} == want
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_every_triplet_matches_reference(device, distance, reduction, smooth):
+    # mining=None (the default): no mining, PML's loss without a miner; fused pass.
+    x, labels = make_batch(30, 6, 5, device)
+    kw = dict(margin=0.1, distance=distance, reduction=reduction, smooth_loss=smooth)
+    got = losses_and_grads(facekernels.triplet_margin_loss, x, labels, **kw)
+    expected = losses_and_grads(reference.triplet_margin_loss, x, labels, mining=None, **kw)
+    for a, b in zip(got, expected):
+        assert_close(a, b)
+    terms = facekernels.triplet_margin_loss(x, labels, reduction="none", **{k: v for k, v in kw.items() if k != "reduction"})
+    same = labels[:, None] == labels[None, :]
+    per_anchor = (same.sum(1) - 1) * (~same).sum(1)
+    assert terms.numel() == per_anchor.sum()
+
+
+@pytest.mark.parametrize("mining", [None, "all", "semihard", "batch_hard", "facenet"])
+def test_a_nan_embedding_gives_a_nan_loss(device, mining):
+    x, labels = make_batch(20, 6, 4, device)
+    x[3, 2] = float("nan")
+    for kw in ({}, {"swap": True}, {"reduction": "mean"}):
+        assert torch.isnan(facekernels.triplet_margin_loss(x, labels, mining=mining, **kw))
+    assert torch.isnan(facekernels.ContrastiveLoss()(x, labels))
+    # Other rows' mining is untouched: the NaN row's triplets alone are dropped.
+    if mining not in (None, "batch_hard", "facenet"):
+        clean = x.clone()
+        clean[3] = 1e3  # far from everything
+        keep = lambda t: {tr for tr in zip(*(i.tolist() for i in t)) if 3 not in tr}  # noqa: E731
+        with_nan = facekernels.mine_triplets(x, labels, type_of_triplets=mining)
+        assert keep(with_nan) == set(zip(*(i.tolist() for i in with_nan)))
+        assert keep(with_nan) == keep(facekernels.mine_triplets(clean, labels, type_of_triplets=mining))
+
+
+def test_refine_opcheck(device):
+    z = near_duplicates(1e-3, device)[:20]
+    norms = (z * z).sum(1, keepdim=True) + (z * z).sum(1)
+    squared = (norms - 2 * z @ z.t()).requires_grad_()
+    close = squared < 0.5 * norms
+    torch.library.opcheck(torch.ops.facekernels.pairwise_distance_refine.default,
+                          (squared, close, z, z))

@@ -227,6 +227,11 @@ def check_margin(op, name, value):
     return float(value)
 
 
+def check_triplets_per_anchor(op, value):
+    if value != "all" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f'{op}: triplets_per_anchor must be "all" or a positive int, got {value!r}')
+
+
 def sample_triplets(labels, ref_labels, self_ref, per_anchor):
     """PML's triplets_per_anchor=k: per anchor with a positive and a negative, k triplets of
     a uniformly drawn positive and negative (with replacement; torch's global generator)."""
@@ -259,9 +264,7 @@ def _setup_loss(op, embeddings, labels, margin, mining, distance, triplets_per_a
     check_choice(op, "mining", mining, MINING)
     check_choice(op, "distance", distance, DISTANCES)
     margin = check_margin(op, "margin", margin)
-    if triplets_per_anchor != "all" and (isinstance(triplets_per_anchor, bool) or
-                                         not isinstance(triplets_per_anchor, int) or triplets_per_anchor < 1):
-        raise ValueError(f'{op}: triplets_per_anchor must be "all" or a positive int, got {triplets_per_anchor!r}')
+    check_triplets_per_anchor(op, triplets_per_anchor)
     if labels is None and indices_tuple is None:
         raise ValueError(f"{op}: labels are required when indices_tuple is not given")
     labels, ref, columns, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)
