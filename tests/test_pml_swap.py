@@ -26,8 +26,7 @@ Every test runs twice, parametrized over `impl`:
   pytorch_metric_learning.losses.ContrastiveLoss are replaced by facekernels.TripletMiner,
   facekernels.TripletMarginLoss and facekernels.ContrastiveLoss. The test bodies build the
   classes through those PML namespaces with the arguments PML's tests use, including PML's
-  own LpDistance / CosineSimilarity / MeanReducer objects. facekernels is imported only
-  for these cases, so the "pml" control still runs while facekernels cannot be imported.
+  own LpDistance / CosineSimilarity / MeanReducer objects.
 
 How this differs from running PML's files:
 
@@ -37,18 +36,20 @@ How this differs from running PML's files:
   valid triplets / pairs, backward, the contrastive values) draw nothing and run once per
   dtype and device.
 * The dtypes of PML's CI (TEST_DTYPES=float32,float64) are parametrized instead of looped
-  over; the device is "cpu", plus "cuda" (skipped without CUDA). As in PML, labels stay
+  over; the devices are conftest's (CUDA where available). As in PML, labels stay
   CPU LongTensors when the embeddings are on the device.
 * The brute-force triplet list of the miner test is built with tensor indexing instead of
   0-d tensor loops; the distance differences are the same elementwise subtractions in the
   test's dtype, compared with the same thresholds, and mined triplets are compared as the
   same sets.
+* Where a draw has no violating triplet, PML's expected AvgNonZeroReducer value is 0 / 0
+  and PML's own class fails its test; here the expected value is then 0, the reducer's.
 * testing_utils.is_not_none_if_condition(..., WITH_COLLECT_STATS) is reproduced for
   WITH_COLLECT_STATS=False, PML's default: the stat attributes must be absent or None.
   The collect_stats=True recording is optional in PML and is left out here.
 """
 
-import importlib
+import os
 
 import numpy as np
 import pytest
@@ -65,13 +66,16 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance  # no
 from pytorch_metric_learning.reducers import MeanReducer  # noqa: E402
 from pytorch_metric_learning.utils import common_functions as c_f  # noqa: E402
 
+import facekernels  # noqa: E402
+
 # PML name -> facekernels name, set on the PML module object.
 SWAPS = [
     (pml_miners, "TripletMarginMiner", "TripletMiner"),
     (pml_losses, "TripletMarginLoss", "TripletMarginLoss"),
     (pml_losses, "ContrastiveLoss", "ContrastiveLoss"),
 ]
-SEEDS = pytest.mark.parametrize("seed", range(50), ids=lambda s: f"seed{s}")
+SEED_BASE = int(os.environ.get("FACEKERNELS_SEED_BASE", "0"))
+SEEDS = pytest.mark.parametrize("seed", range(SEED_BASE, SEED_BASE + 50), ids=lambda s: f"seed{s}")
 RTOL = {torch.float16: 1e-2}  # PML's rtol; 1e-5 for every other dtype
 
 
@@ -79,7 +83,6 @@ RTOL = {torch.float16: 1e-2}  # PML's rtol; 1e-5 for every other dtype
 def impl(request, monkeypatch):
     monkeypatch.setattr(c_f, "COLLECT_STATS", False)  # WITH_COLLECT_STATS=False
     if request.param == "facekernels":
-        facekernels = importlib.import_module("facekernels")
         for module, pml_name, our_name in SWAPS:
             monkeypatch.setattr(module, pml_name, getattr(facekernels, our_name))
     return request.param
@@ -88,19 +91,6 @@ def impl(request, monkeypatch):
 @pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
 def dtype(request):
     return request.param
-
-
-@pytest.fixture(
-    params=[
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"),
-        ),
-    ]
-)
-def device(request):
-    return torch.device(request.param)
 
 
 def points_on_arc(angles, dtype, device, normalized=False):
@@ -226,9 +216,12 @@ def check_triplet_margin_losses(embeddings, labels, triplets, dtype, ref_emb=Non
             cos = cos + cos_term
 
     rtol = RTOL.get(dtype, 1e-5)
-    assert torch.isclose(lossA, l2 / l2_nonzero, rtol=rtol), "L2, AvgNonZeroReducer"
+    # PML's test divides by the number of non-zero terms even when it is 0 (a draw with no
+    # violating triplet, about 1 in 250), and then fails for PML's own class; the reducer's
+    # value there is 0.
+    assert torch.isclose(lossA, l2 / max(l2_nonzero, 1), rtol=rtol), "L2, AvgNonZeroReducer"
     assert torch.isclose(lossB, l2 / len(triplets), rtol=rtol), "L2, MeanReducer"
-    assert torch.isclose(lossC, cos / cos_nonzero, rtol=rtol), "cosine, AvgNonZeroReducer"
+    assert torch.isclose(lossC, cos / max(cos_nonzero, 1), rtol=rtol), "cosine, AvgNonZeroReducer"
     assert torch.isclose(lossD, cos / len(triplets), rtol=rtol), "cosine, MeanReducer"
     assert torch.isclose(lossE, smooth / len(triplets), rtol=rtol), "smooth_loss"
 
