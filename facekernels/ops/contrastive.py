@@ -11,6 +11,7 @@ from facekernels.ops.triplet import (
     check_margin,
     nan_if_any,
     pairwise_distance,
+    reduce_terms,
     resolve_reference,
     to_pairs,
 )
@@ -65,15 +66,6 @@ def contrastive_pair_losses(embeddings, labels=None, *, pos_margin=0.0, neg_marg
     return pos_losses, neg_losses, (a1, p, a2, n), d
 
 
-def _reduce_part(losses, reduction):
-    """One part (positive or negative pairs): 0, still in the graph, when it has no pairs."""
-    if reduction == "mean_nonzero":
-        return losses.sum() / (losses > 0).sum().clamp_min(1)
-    if reduction == "mean":
-        return losses.sum() / max(losses.numel(), 1)
-    return losses.sum()
-
-
 def double_margin_contrastive_loss(embeddings, labels=None, *, pos_margin=0.0, neg_margin=1.0,
                                    distance="euclidean", reduction="mean_nonzero",
                                    normalize_embeddings=True, indices_tuple=None, ref_emb=None,
@@ -92,7 +84,7 @@ def double_margin_contrastive_loss(embeddings, labels=None, *, pos_margin=0.0, n
     )
     if reduction == "none":
         return pos_losses, neg_losses
-    loss = _reduce_part(pos_losses, reduction) + _reduce_part(neg_losses, reduction)
+    loss = reduce_terms(pos_losses, reduction) + reduce_terms(neg_losses, reduction)
     return nan_if_any(loss, d)
 
 

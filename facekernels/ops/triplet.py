@@ -189,8 +189,8 @@ torch.library.register_autograd(
 )
 
 
-def _empty_triplets(embeddings):
-    empty = torch.empty(0, dtype=torch.int64, device=embeddings.device)
+def _empty_triplets(like):
+    empty = torch.empty(0, dtype=torch.int64, device=like.device)
     return empty, empty.clone(), empty.clone()
 
 
@@ -242,14 +242,14 @@ def sample_triplets(labels, ref_labels, self_ref, per_anchor):
     negative = ~same
     anchors = (positive.any(1) & negative.any(1)).nonzero().squeeze(1)
     if anchors.numel() == 0:
-        empty = anchors.new_empty(0)
-        return empty, empty.clone(), empty.clone()
+        return _empty_triplets(anchors)
     p = torch.multinomial(positive[anchors].float(), per_anchor, replacement=True)
     n = torch.multinomial(negative[anchors].float(), per_anchor, replacement=True)
     return anchors.repeat_interleave(per_anchor), p.flatten(), n.flatten()
 
 
-def _reduce(losses, reduction):
+def reduce_terms(losses, reduction):
+    """"mean_nonzero", "mean" or "sum" of a loss's terms: 0, still in the graph, for none."""
     if reduction == "mean_nonzero":
         return losses.sum() / (losses > 0).sum().clamp_min(1)
     if reduction == "mean":
@@ -331,7 +331,7 @@ def triplet_margin_loss(embeddings, labels=None, *, margin=0.05, mining=None,
                                               indices_tuple=triplets, **kw)
         if reduction == "none":
             return terms
-        return nan_if_any(_reduce(terms, reduction) + (embeddings * 0).sum(), dist)
+        return nan_if_any(reduce_terms(terms, reduction) + (embeddings * 0).sum(), dist)
     if embeddings.shape[0] == 0 or ref.shape[0] == 0:
         return (embeddings * 0).sum()
     dist = dissimilarity(embeddings, None if self_ref else ref, distance, normalize_embeddings)
