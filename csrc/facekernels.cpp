@@ -18,17 +18,19 @@ TORCH_LIBRARY(facekernels, m) {
 
   // Margin-softmax cross entropy over classes chunked chunk_size at a time: per row the
   // largest logit and log sum_j exp(logit_j - row_max) (a class shard's part of the
-  // log-sum-exp), the target logit (0 when the label is outside [0, num_classes): a shard
-  // without the row's class), and the argmax of the margin-free cosine. margin_kind 0:
+  // log-sum-exp), the target logit, and the argmax of the margin-free cosine. margin_kind 0:
   // target s (cos(m1 theta + m2) - m3); 1: SphereFace, s (psi_m1(theta) + lambda cos) /
-  // (1 + lambda). The loss is log_sum + (row_max - target_logit); row_max is a constant
+  // (1 + lambda). labels_in_range: labels must lie in [0, num_classes) (checked, an error
+  // otherwise); false for a class shard, where a label outside means "another shard's
+  // class": no target logit (0). The loss is log_sum + (row_max - target_logit); row_max is a constant
   // for autograd (the loss does not depend on it). The backward skips the GEMM of a
   // gradient that is not wanted and returns it as [0, D].
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float scale, "
       "float m1, float m2, float m3, float sphere_lambda, int margin_kind, bool exact_gradient, "
-      "bool normalize_embeddings, bool normalize_weight, int chunk_size) -> (Tensor row_max, "
-      "Tensor log_sum, Tensor target_logit, Tensor best_cosine, Tensor predicted)");
+      "bool normalize_embeddings, bool normalize_weight, int chunk_size, "
+      "bool labels_in_range=True) -> (Tensor row_max, Tensor log_sum, Tensor target_logit, "
+      "Tensor best_cosine, Tensor predicted)");
   m.def(
       "margin_softmax_backward(Tensor grad_log_sum, Tensor grad_target, Tensor embeddings, "
       "Tensor weight, Tensor labels, Tensor row_max, Tensor log_sum, float scale, float m1, "

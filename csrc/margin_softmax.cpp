@@ -11,9 +11,8 @@ namespace {
 
 constexpr const char* kOp = "margin_softmax_loss";
 
-// Labels are not range-checked here: a label outside [0, C) means "this weight does not
-// hold the row's class" (a class shard), so the row gets no target logit. The Python API
-// checks the range for a whole weight.
+// Labels are range-checked by the forward unless the weight is a class shard, where a label
+// outside [0, C) means "this weight does not hold the row's class": no target logit.
 void check_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
                   const at::Tensor& labels, const MarginOptions& options) {
   check_defined_floating(kOp, "embeddings", embeddings);
@@ -42,9 +41,14 @@ void check_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
 // Rows scaled to unit norm as F.normalize does (norm floored at 1e-12), computed in the
 // accumulate type. Returns (normalized rows in `dtype`, 1 / floored norms, norms).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_rows(const at::Tensor& rows,
-                                                              at::ScalarType dtype) {
+                                                              at::ScalarType dtype,
+                                                              bool double_norm = false) {
   const at::Tensor wide = rows.to(at::toOpMathType(dtype));
-  const at::Tensor norms = at::linalg_vector_norm(wide, 2, {1}, /*keepdim=*/true);
+  // The sum of squares of an fp32 row overflows from a norm of 1.8e19 on, which would make
+  // the row zero; the embeddings' norms (N of them) are therefore summed in double.
+  const at::Tensor norms =
+      double_norm ? at::linalg_vector_norm(wide, 2, {1}, /*keepdim=*/true, at::kDouble).to(wide.scalar_type())
+                  : at::linalg_vector_norm(wide, 2, {1}, /*keepdim=*/true);
   const at::Tensor inverse = norms.clamp_min(kNormFloor).reciprocal();
   return {(wide * inverse).to(dtype), inverse, norms};
 }
@@ -70,7 +74,7 @@ struct Rows {
 };
 
 Rows prepare_rows(const at::Tensor& embeddings, const MarginOptions& options) {
-  auto [unit, inverse, norms] = normalize_rows(embeddings, embeddings.scalar_type());
+  auto [unit, inverse, norms] = normalize_rows(embeddings, embeddings.scalar_type(), true);
   return {unit, inverse, norms, row_scales(norms, options)};
 }
 
@@ -93,10 +97,14 @@ WeightChunk weight_chunk(const at::Tensor& weight, int64_t start, int64_t length
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
-    const MarginOptions& options, ForwardEpilogue epilogue) {
+    const MarginOptions& options, bool labels_in_range, ForwardEpilogue epilogue) {
   // Dtypes are chosen here (GEMMs in the embeddings' dtype): autocast must not re-cast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, options);
+  if (labels_in_range) {
+    // Here rather than in Python, so that a compiled graph checks too (one sync on a GPU).
+    check_labels(kOp, labels, embeddings.size(0), weight.size(0));
+  }
   const c10::DeviceGuard device(embeddings.device());
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = weight.size(0);

@@ -175,7 +175,7 @@ using BackwardEpilogue = void (*)(at::Tensor& z, int64_t class_start, const at::
 // loss is log_sum + (row_max - target_logit), which keeps a small loss accurate.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
-    const MarginOptions& options, ForwardEpilogue epilogue);
+    const MarginOptions& options, bool labels_in_range, ForwardEpilogue epilogue);
 
 // Returns (grad_embeddings, grad_weight); an unwanted one is not computed and is [0, D].
 std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
@@ -190,12 +190,13 @@ template <ForwardEpilogue epilogue>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     double scale, double m1, double m2, double m3, double lambda, int64_t kind,
-    bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size) {
+    bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size,
+    bool labels_in_range) {
   return margin_softmax_forward_impl(
       embeddings, weight, labels,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
        chunk_size},
-      epilogue);
+      labels_in_range, epilogue);
 }
 
 template <BackwardEpilogue epilogue>

@@ -11,8 +11,8 @@ from facekernels.ops.contrastive import (
     double_margin_contrastive_loss,
     verification_loss,
 )
-from facekernels.ops.margin_softmax import check_modes, fused_margin_loss
-from facekernels.ops.checks import check_choice, check_number
+from facekernels.ops.margin_softmax import check_chunk_size, check_modes, fused_margin_loss
+from facekernels.ops.checks import check_choice, check_embeddings, check_number
 from facekernels.ops.triplet import (
     MINING,
     check_margin,
@@ -97,14 +97,17 @@ class _MarginSoftmaxHead(nn.Module):
     kind = 0  # combined margin; SphereFaceLoss sets 1
     normalize_embeddings = True
     normalize_weight = True
+    scale_name = "scale"  # the argument's name in the subclass's constructor
 
     def __init__(self, num_classes, embedding_size, scale, gradient, reduction, chunk_size):
         super().__init__()
-        _check_sizes(type(self).__name__, num_classes, embedding_size)
+        owner = type(self).__name__
+        _check_sizes(owner, num_classes, embedding_size)
         check_modes(reduction, gradient)
+        check_chunk_size(owner, chunk_size)
         self.num_classes = num_classes
         self.embedding_size = embedding_size
-        self.scale = scale
+        self.scale = check_number(owner, self.scale_name, scale, 0.0)
         self.gradient = gradient
         self.reduction = reduction
         self.chunk_size = chunk_size
@@ -133,6 +136,11 @@ class _MarginSoftmaxHead(nn.Module):
     @torch.no_grad()
     def get_logits(self, embeddings):
         """Margin-free logits [N, C] for inference (this one does build N x C)."""
+        owner = f"{type(self).__name__}.get_logits"
+        check_embeddings(owner, embeddings)
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"{owner}: embeddings must have {self.embedding_size} columns, got "
+                             f"shape {tuple(embeddings.shape)}")
         x = F.normalize(embeddings, dim=1) if self.normalize_embeddings else embeddings
         w = F.normalize(self.weight, dim=1) if self.normalize_weight else self.weight
         return self.scale * F.linear(x.to(w.dtype), w)
@@ -152,7 +160,9 @@ class CombinedMarginLoss(_MarginSoftmaxHead):
     def __init__(self, num_classes, embedding_size, m1=1.0, m2=0.5, m3=0.0, scale=64.0,
                  gradient="exact", reduction="mean", chunk_size=None):
         super().__init__(num_classes, embedding_size, scale, gradient, reduction, chunk_size)
-        self.m1, self.m2, self.m3 = m1, m2, m3
+        self.m1 = check_number(type(self).__name__, "m1", m1, 0.0)
+        self.m2 = check_number(type(self).__name__, "m2", m2)
+        self.m3 = check_number(type(self).__name__, "m3", m3)
 
     def margins(self):
         return self.m1, self.m2, self.m3, 0.0
@@ -164,6 +174,7 @@ class ArcFaceLoss(CombinedMarginLoss):
 
     def __init__(self, num_classes, embedding_size, margin=0.5, scale=64.0, gradient="exact",
                  reduction="mean", chunk_size=None):
+        check_number("ArcFaceLoss", "margin", margin)  # named as the caller wrote it
         super().__init__(num_classes, embedding_size, 1.0, margin, 0.0, scale, gradient,
                          reduction, chunk_size)
 
@@ -173,6 +184,7 @@ class CosFaceLoss(CombinedMarginLoss):
 
     def __init__(self, num_classes, embedding_size, margin=0.35, scale=64.0, gradient="exact",
                  reduction="mean", chunk_size=None):
+        check_number("CosFaceLoss", "margin", margin)  # named as the caller wrote it
         super().__init__(num_classes, embedding_size, 1.0, 0.0, margin, scale, gradient,
                          reduction, chunk_size)
 
@@ -195,8 +207,10 @@ class SphereFaceLoss(_MarginSoftmaxHead):
         if not isinstance(margin, int) or isinstance(margin, bool) or margin < 1:
             raise ValueError(f"SphereFaceLoss: margin must be a positive int, got {margin!r}")
         self.margin = margin
-        self.lambda_base, self.lambda_gamma = lambda_base, lambda_gamma
-        self.lambda_power, self.lambda_min = lambda_power, lambda_min
+        self.lambda_base, self.lambda_gamma, self.lambda_power, self.lambda_min = (
+            check_number("SphereFaceLoss", name, value, 0.0)
+            for name, value in (("lambda_base", lambda_base), ("lambda_gamma", lambda_gamma),
+                                ("lambda_power", lambda_power), ("lambda_min", lambda_min)))
         self.iteration = 0
 
     def current_lambda(self):
@@ -224,6 +238,7 @@ class L2SoftmaxLoss(_MarginSoftmaxHead):
     plain linear classifier (weight not normalized, no bias) and cross entropy."""
 
     normalize_weight = False
+    scale_name = "alpha"
 
     def __init__(self, num_classes, embedding_size, alpha=16.0, reduction="mean", chunk_size=None):
         super().__init__(num_classes, embedding_size, alpha, "exact", reduction, chunk_size)
@@ -374,8 +389,8 @@ class RingLoss(nn.Module):
 
     def __init__(self, loss_weight=0.01, radius=1.0):
         super().__init__()
-        self.loss_weight = loss_weight
-        self.radius = nn.Parameter(torch.tensor(float(radius)))
+        self.loss_weight = check_number("RingLoss", "loss_weight", loss_weight, 0.0)
+        self.radius = nn.Parameter(torch.tensor(check_number("RingLoss", "radius", radius)))
 
     def forward(self, embeddings):
         return ring_loss(embeddings, self.radius, self.loss_weight)
@@ -383,5 +398,6 @@ class RingLoss(nn.Module):
 
 def ring_loss(embeddings, radius, loss_weight=0.01):
     """RingLoss's functional form: loss_weight / (2N) * sum_i (|x_i| - radius)^2."""
+    check_embeddings("RingLoss", embeddings)
     norms = torch.linalg.vector_norm(embeddings, dim=1)
     return loss_weight / (2 * embeddings.shape[0]) * (norms - radius).square().sum()

@@ -202,12 +202,14 @@ def test_class_shards_combine_to_the_whole(device):
     lse_parts, target_parts = [], []
     for start in (0, 40):
         shard = w[start:start + 50] if start == 40 else w[:40]
-        row_max, log_sum, target, _, _ = op(x, shard, y - start, *args)
+        row_max, log_sum, target, _, _ = op(x, shard, y - start, *args, labels_in_range=False)
         lse_parts.append(row_max + log_sum)
         target_parts.append(target)
     loss = torch.logsumexp(torch.stack(lse_parts), 0) - sum(target_parts)
     expected = reference.margin_softmax_loss(x, w, y, m2=0.5, reduction="none")
     assert_close(loss, expected)
+    with pytest.raises(ValueError, match=r"labels must be int64 with values in \[0, 40\)"):
+        op(x, w[:40], y, *args)  # a whole weight: labels are checked
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -306,13 +308,28 @@ def test_torch_compile_fullgraph(device):
         assert_close(compiled_w, eager_w)
 
 
-def test_compiled_bad_label_gives_nan_not_a_silent_loss():
+def test_compiled_bad_label_raises_as_in_eager(device):
+    # The range check lives in the op's C++ forward, so a compiled graph runs it too.
     torch._dynamo.reset()
-    x, w, y = make_batch(6, 8, 10, "cpu")
+    x, w, y = make_batch(6, 8, 10, device)
     compiled = torch.compile(facekernels.margin_softmax_loss, fullgraph=True)
     assert torch.isfinite(compiled(x, w, y))
     y[2] = 10
-    assert torch.isnan(compiled(x, w, y))
+    with pytest.raises(ValueError, match=r"labels must be int64 with values in \[0, 10\), got max 10"):
+        compiled(x, w, y)
+
+
+def test_meta_inputs_infer_shapes():
+    x, w, y = (t.to("meta") for t in make_batch(6, 8, 10, "cpu"))
+    loss, predicted = facekernels.margin_softmax_loss(x, w, y, reduction="none", return_predictions=True)
+    assert loss.shape == (6,) and predicted.shape == (6,) and loss.device.type == "meta"
+
+
+def test_huge_fp32_norms_are_normalized_not_zeroed(device):
+    # |x| >= 1.8e19 overflows an fp32 sum of squares; the loss is scale-free when normalized.
+    x, w, y = make_batch(6, 8, 10, device, torch.float32)
+    huge = facekernels.margin_softmax_loss(x * 1e20, w, y, reduction="none")
+    assert_close(huge, facekernels.margin_softmax_loss(x, w, y, reduction="none"))
 
 
 BAD_INPUTS = [

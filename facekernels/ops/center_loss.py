@@ -93,6 +93,11 @@ def center_loss(embeddings, labels, centers, *, alpha=0.5, update_centers=False)
         The scalar loss, in the embeddings' dtype (accumulated in fp32 or better).
     """
     _check(embeddings, labels, centers, alpha)
+    if update_centers and any(stride == 0 and size > 1 for stride, size in zip(centers.stride(), centers.shape)):
+        raise ValueError(
+            f"{_OP}: centers is expanded (stride 0), so updating one class's center would move "
+            "them all; give every class its own row (centers.contiguous())"
+        )
     if update_centers and centers.requires_grad:
         raise ValueError(
             f"{_OP}: update_centers=True moves centers by Wen et al.'s rule, so centers must "

@@ -20,7 +20,7 @@ def check_number(op, name, value, low=-math.inf, high=math.inf):
 
 
 def check_embeddings(op, embeddings, name="embeddings", allow_empty=False):
-    """A floating-point [N, D] tensor with N >= 1 (N >= 0 when allow_empty)."""
+    """A floating-point [N, D] tensor with D >= 1 and N >= 1 (N >= 0 when allow_empty)."""
     if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got "
                         f"{getattr(embeddings, 'dtype', type(embeddings).__name__)}")
@@ -28,6 +28,8 @@ def check_embeddings(op, embeddings, name="embeddings", allow_empty=False):
         raise ValueError(f"{op}: {name} must be 2-D [N, D], got shape {tuple(embeddings.shape)}")
     if embeddings.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{op}: {name} must hold at least one row, got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{op}: {name} must have at least one column, got shape {tuple(embeddings.shape)}")
 
 
 def check_labels(op, labels, embeddings, name="labels"):

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from facekernels.ops.checks import check_choice
+from facekernels.ops.checks import check_choice, check_device, check_embeddings
 from facekernels.ops.triplet import (
     DISTANCES,
     REDUCTIONS,
@@ -22,13 +22,19 @@ def contrastive_loss(emb1, emb2, y, margin=1.0):
     1/2 (1 - y) D^2 + 1/2 y max(0, margin - D)^2, D = |emb1 - emb2|, y = 1 for a
     dissimilar pair and 0 for a similar one."""
     op = "contrastive_loss"
-    if emb1.dim() != 2 or emb1.shape != emb2.shape:
-        raise ValueError(
-            f"{op}: emb1 and emb2 must be 2-D of one shape, got {tuple(emb1.shape)} and "
-            f"{tuple(emb2.shape)}"
-        )
-    if y.shape != (emb1.shape[0],):
-        raise ValueError(f"{op}: y must have shape [{emb1.shape[0]}], got {tuple(y.shape)}")
+    check_embeddings(op, emb1, "emb1")
+    check_embeddings(op, emb2, "emb2")
+    if emb1.shape != emb2.shape or emb1.dtype != emb2.dtype:
+        raise ValueError(f"{op}: emb1 and emb2 must have one shape and dtype, got "
+                         f"{tuple(emb1.shape)} {emb1.dtype} and {tuple(emb2.shape)} {emb2.dtype}")
+    check_device(op, "emb2", emb2, emb1)
+    if not isinstance(y, torch.Tensor) or y.shape != (emb1.shape[0],):
+        raise ValueError(f"{op}: y must be a tensor of shape [{emb1.shape[0]}], got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    check_device(op, "y", y, emb1)
+    if not ((y == 0) | (y == 1)).all():
+        raise ValueError(f"{op}: y must hold 0 (similar pair) or 1 (dissimilar pair) only")
+    margin = check_margin(op, "margin", margin)
     y = y.to(emb1.dtype)
     d = torch.linalg.vector_norm(emb1 - emb2, dim=1)  # its gradient is 0 at d = 0
     return (0.5 * (1 - y) * d.square() + 0.5 * y * F.relu(margin - d).square()).mean()

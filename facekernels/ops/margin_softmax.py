@@ -33,19 +33,16 @@ def _check_tensors(embeddings, weight, labels):
     check_labels(_OP, labels, embeddings)
 
 
+def check_chunk_size(owner, chunk_size):
+    """None, or a positive int that fits the op's int64."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or not 1 <= chunk_size < 2**63):
+        raise ValueError(f"{owner}: chunk_size must be a positive int below 2^63, got {chunk_size!r}")
+
+
 def check_modes(reduction, gradient):
     check_choice(_OP, "reduction", reduction, _REDUCTIONS)
     check_choice(_OP, "gradient", gradient, _GRADIENTS)
-
-
-def _check_label_range(labels, num_classes):
-    lo, hi = torch.aminmax(labels)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= num_classes:
-        bad = f"min {lo}" if lo < 0 else f"max {hi}"
-        raise ValueError(
-            f"{_OP}: labels must be int64 with values in [0, {num_classes}), got {bad}"
-        )
 
 
 def _accumulate_dtype(dtype):
@@ -73,7 +70,7 @@ def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, s
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels, *options = inputs
+    embeddings, weight, labels, *options, _labels_in_range = inputs  # the backward's options
     row_max, log_sum, _, best_cosine, predicted = output
     ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum)
     ctx.options = options
@@ -127,13 +124,11 @@ def fused_margin_loss(
     check_modes(reduction, gradient)
     if chunk_size is None:
         chunk_size = default_chunk_size(embeddings.shape[0], embeddings.device)
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        _check_label_range(labels, weight.shape[0])
+    else:
+        check_chunk_size(_OP, chunk_size)
     device_type = embeddings.device.type
-    if torch.is_autocast_enabled(device_type) and embeddings.dtype == torch.float32:
+    if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and embeddings.dtype == torch.float32):
         # The GEMMs run in the autocast dtype; the weight's chunks are cast inside the op,
         # so an fp32 master weight is never copied whole, and its gradient stays fp32.
         embeddings = embeddings.to(torch.get_autocast_dtype(device_type))
@@ -155,11 +150,6 @@ def fused_margin_loss(
     # The target is usually the largest logit: subtracting it from the max first keeps a
     # small loss accurate (lse - target would cancel two large numbers).
     loss = log_sum + (row_max - target_logit)
-    if compiling:
-        # A data check would break the graph: a label outside [0, C) makes the loss NaN
-        # instead of silently dropping its target.
-        in_range = ((labels >= 0) & (labels < weight.shape[0])).all()
-        loss = torch.where(in_range, loss, torch.nan)
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":
