@@ -38,3 +38,20 @@ def assert_no_worse_than_reference(kernel, reference, truth, factor=2.0):
         f"kernel error {kernel_error:.3g} > {factor} x max(reference error "
         f"{reference_error:.3g}, floor {floor:.3g})"
     )
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz", action="store_true",
+                     help="run test_fuzz.py with the long hypothesis profile (thousands of cases)")
+
+
+def pytest_configure(config):
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # test_fuzz.py skips itself
+        return
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("fuzz", max_examples=3000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile("fuzz" if config.getoption("--fuzz") else "ci")

@@ -122,7 +122,8 @@ torch.library.register_autograd("facekernels::pairwise_distance_refine", _refine
 def pairwise_distance(x, ref=None, distance="euclidean", normalize_embeddings=True):
     """All-pairs [N, M] between the rows of x and ref (x itself when None), from one GEMM:
     |a|^2 + |b|^2 - 2 a.b, recomputed from differences where it cancels (see
-    CANCELLATION), clamped at 0, exactly 0 on the diagonal of x against itself, with a
+    CANCELLATION), clamped at 0, exactly 0 on the diagonal of x against itself (NaN for a
+    NaN row), with a
     square root whose gradient is 0 (not NaN) at distance 0. A NaN row gives NaN
     distances. "cosine" returns the similarity a.b (larger = closer)."""
     check_choice("pairwise_distance", "distance", distance, DISTANCES)
@@ -139,9 +140,9 @@ def pairwise_distance(x, ref=None, distance="euclidean", normalize_embeddings=Tr
     squared = norms - 2.0 * inner
     close = squared < CANCELLATION * norms
     squared = torch.ops.facekernels.pairwise_distance_refine(squared, close, x, ref).clamp_min(0.0)
-    if self_ref:
+    if self_ref:  # 0 on the diagonal, NaN for a NaN row (squared * 0), gradient 0
         eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-        squared = squared.masked_fill(eye, 0.0)
+        squared = torch.where(eye, squared * 0, squared)
     if distance == "squared_euclidean":
         return squared
     positive = squared > 0

@@ -1,0 +1,259 @@
+"""Property-based fuzzing of the public entry points against the README's "Errors and NaN"
+policy. Each case draws shapes, dtypes, strides, label ranges, NaN/inf placements and
+option values, works out which arguments are invalid, and asserts one of:
+
+- some argument is invalid: a ValueError or TypeError whose message names one of them,
+  and every stateful buffer (CenterLoss.centers, SphereFaceLoss.iteration) is bitwise
+  unchanged;
+- all are valid: the result equals the reference twin, NaN exactly in the rows whose
+  embeddings are not finite.
+
+The CI profile ("ci", derandomized) draws 40 cases per entry point; `pytest --fuzz`
+loads the long profile (tests/conftest.py).
+"""
+
+import math
+
+import pytest
+import torch
+
+import facekernels
+from facekernels import reference
+
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install '.[test]')")
+from hypothesis import given, strategies as st  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOATS = [torch.float64, torch.float32]
+NUMBERS = [math.nan, math.inf, -1.0, 0.0, 0.3, 16.0]
+
+
+@st.composite
+def embeddings(draw, max_rows=5, min_rows=0):
+    """(tensor, finite_rows): rows x cols of a drawn dtype, maybe transposed (strided),
+    with NaN or inf planted in some entries."""
+    n = draw(st.integers(min_rows, max_rows))
+    d = draw(st.integers(0, 4))
+    dtype = draw(st.sampled_from(FLOATS + [torch.bfloat16, torch.int64]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if draw(st.booleans()):
+        x = x.t().contiguous().t()  # same values, column-major strides
+    for _ in range(draw(st.integers(0, 2)) if n * d else 0):
+        x[draw(st.integers(0, n - 1)), draw(st.integers(0, d - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    finite = x.isfinite().all(1)
+    return x.to(dtype), finite
+
+
+def labels(draw, n, low, high):
+    dtype = draw(st.sampled_from([torch.int64, torch.int64, torch.int32, torch.float32]))
+    values = [draw(st.integers(low, high)) for _ in range(n)]
+    return torch.tensor(values, dtype=torch.int64).to(dtype)
+
+
+def flag(name, condition):
+    """{name} when the condition holds: the argument is invalid."""
+    return {name} if condition else set()
+
+
+def embedding_problems(x):
+    if not x.is_floating_point():
+        return {"embeddings"}
+    return {"embeddings"} if 0 in x.shape else set()
+
+
+def assert_policy(call, invalid, on_result, state=lambda: None):
+    """Runs call(); with invalid arguments expects an error naming one of them and an
+    unchanged state, otherwise hands the result to on_result."""
+    before = state()
+    if invalid:
+        with pytest.raises((ValueError, TypeError)) as error:
+            call()
+        assert any(name in str(error.value) for name in invalid), (invalid, str(error.value))
+        after = state()
+        assert before is None or all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+                                     for a, b in zip(before, after))
+    else:
+        on_result(call())
+
+
+def assert_nan_rows(loss, finite, want):
+    """NaN exactly in the non-finite rows; elsewhere equal to the reference `want`."""
+    assert torch.equal(loss.isnan().cpu(), ~finite)
+    torch.testing.assert_close(loss[finite].double().cpu(), want[finite].double().cpu(),
+                               rtol=1e-6 if loss.dtype == torch.float64 else 2e-2,
+                               atol=1e-6 if loss.dtype == torch.float64 else 2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_margin_softmax_heads(device, data):
+    draw = data.draw
+    x, finite = draw(embeddings())
+    n, d = x.shape
+    c = draw(st.integers(1, 6))
+    y = labels(draw, n, -1, c)
+    options = dict(scale=draw(st.sampled_from(NUMBERS)), m2=draw(st.sampled_from(NUMBERS)),
+                   chunk_size=draw(st.sampled_from([None, 0, 2, 2**63, True])),
+                   reduction=draw(st.sampled_from(["none", "mean", "avg"])))
+    weight = torch.randn(c, max(d, 1), dtype=torch.float64).to(x.dtype if x.is_floating_point() else torch.float64)
+    invalid = embedding_problems(x)
+    if d == 0 or n == 0:
+        invalid.add("embeddings")
+    if y.dtype != torch.int64 or (n and (int(y.min()) < 0 or int(y.max()) >= c)):
+        invalid.add("labels")
+    invalid |= flag("scale", not (math.isfinite(options["scale"]) and options["scale"] >= 0))
+    invalid |= flag("m2", not math.isfinite(options["m2"]))
+    invalid |= flag("chunk_size", options["chunk_size"] not in (None, 2))
+    invalid |= flag("reduction", options["reduction"] == "avg")
+    if "embeddings" in invalid and d == 0:
+        weight = weight[:, :0]
+    x, y, weight = x.to(device), y.to(device), weight.to(device)
+
+    def check(loss):
+        if options["reduction"] == "none":
+            want = reference.margin_softmax_loss(x.double(), weight.double(), y, scale=options["scale"],
+                                                 m2=options["m2"], reduction="none")
+            assert_nan_rows(loss, finite, want)
+        else:
+            assert loss.isnan() == (not bool(finite.all()))
+
+    assert_policy(lambda: facekernels.margin_softmax_loss(x, weight, y, **options), invalid, check)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_center_loss_leaves_centers_alone_when_it_refuses(device, data):
+    draw = data.draw
+    x, finite = draw(embeddings())
+    n, d = x.shape
+    c = draw(st.integers(1, 5))
+    criterion = facekernels.CenterLoss(c, draw(st.sampled_from([max(d, 1), d + 1])),
+                                       alpha=0.5).to(device)
+    if x.is_floating_point():
+        criterion = criterion.to(draw(st.sampled_from([x.dtype, torch.float64])))
+    criterion.centers.normal_()
+    y = labels(draw, n, -1, c)
+    invalid = embedding_problems(x)
+    if n == 0:
+        invalid.add("embeddings")
+    if x.is_floating_point() and (criterion.centers.shape[1] != d or criterion.centers.dtype != x.dtype):
+        invalid.add("centers")
+    if y.dtype != torch.int64 or (n and (int(y.min()) < 0 or int(y.max()) >= c)):
+        invalid.add("labels")
+    if not invalid and not bool(finite.all()):
+        invalid.add("non-finite")  # the update would poison a center: refused
+    x, y = x.to(device), y.to(device)
+    centers_before = criterion.centers.clone()
+
+    def check(loss):
+        want = reference.center_loss(x.double(), y, centers_before.double())
+        torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2)
+        moved = reference.center_loss_update(centers_before.double(), x.double(), y)
+        torch.testing.assert_close(criterion.centers.double(), moved, rtol=2e-2, atol=2e-2)
+
+    assert_policy(lambda: criterion(x, y), invalid, check, state=lambda: (criterion.centers.clone(),))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_sphereface_iteration_moves_only_on_success(device, data):
+    draw = data.draw
+    x, finite = draw(embeddings(min_rows=1))
+    n, d = x.shape
+    head = facekernels.SphereFaceLoss(4, max(d, 1), margin=draw(st.integers(1, 4))).to(device)
+    if x.is_floating_point():
+        head = head.to(x.dtype)
+    y = labels(draw, n, -1, 4)
+    invalid = embedding_problems(x)
+    if y.dtype != torch.int64 or int(y.min()) < 0 or int(y.max()) >= 4:
+        invalid.add("labels")
+    lam = head.current_lambda()
+    x, y = x.to(device), y.to(device)
+
+    def check(loss):
+        want = reference.sphereface_loss(x.double(), head.weight.double(), y, margin=head.margin,
+                                         lambda_=lam, scale=head.scale, reduction="none").mean()
+        assert loss.isnan() == (not bool(finite.all()))
+        if finite.all():
+            torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2)
+        assert head.iteration == 1
+
+    assert_policy(lambda: head(x, y), invalid, check, state=lambda: (head.iteration,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_metric_losses_and_miner(device, data):
+    draw = data.draw
+    x, finite = draw(embeddings(max_rows=6))
+    n, d = x.shape
+    y = torch.tensor([draw(st.integers(0, 2)) for _ in range(n)], dtype=torch.int64)
+    y = y.to(draw(st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.float32])))
+    margin = draw(st.sampled_from([math.nan, math.inf, -0.1, 0.0, 0.2]))
+    distance = draw(st.sampled_from(["euclidean", "squared_euclidean", "cosine", "manhattan"]))
+    reducer = draw(st.sampled_from(["mean_nonzero", "mean", "sum", "avg"]))
+    invalid = embedding_problems(x) - ({"embeddings"} if x.is_floating_point() and d > 0 else set())
+    invalid |= flag("labels", y.is_floating_point())
+    invalid |= flag("margin", not math.isfinite(margin))
+    invalid |= flag("distance", distance == "manhattan")
+    invalid |= flag("reducer", reducer == "avg")
+    x, y = x.to(device), y.to(device)
+
+    def loss_check(loss):
+        if not bool(finite.all()):
+            assert loss.isnan()
+            return
+        want = reference.triplet_margin_loss(x.double(), y.long(), margin=margin, distance=distance,
+                                             reduction=reducer)
+        torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2)
+
+    assert_policy(lambda: facekernels.TripletMarginLoss(margin, distance=distance, reducer=reducer)(x, y),
+                  invalid, loss_check)
+    contrastive_invalid = (invalid - {"margin"}) | flag("neg_margin", not math.isfinite(margin))
+
+    def contrastive_check(loss):
+        if not bool(finite.all()):
+            assert loss.isnan()
+            return
+        want = reference.double_margin_contrastive_loss(x.double(), y.long(), neg_margin=margin,
+                                                        distance=distance, reduction=reducer)
+        torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2)
+
+    assert_policy(lambda: facekernels.ContrastiveLoss(neg_margin=margin, distance=distance, reducer=reducer)(x, y),
+                  contrastive_invalid, contrastive_check)
+    miner_invalid = invalid - {"reducer"}
+
+    def miner_check(triplets):
+        want = reference.mine_triplets(x.double(), y.long(), margin=margin, distance=distance) if n else triplets
+        got = {t for t in zip(*(i.tolist() for i in triplets))}
+        assert got == {t for t in zip(*(i.tolist() for i in want))} or x.dtype != torch.float64
+
+    assert_policy(lambda: facekernels.TripletMiner(margin, distance=distance)(x, y), miner_invalid, miner_check)
+
+
+@given(data=st.data())
+def test_ring_loss_and_pair_contrastive(data):
+    draw = data.draw
+    x, finite = draw(embeddings())
+    invalid = embedding_problems(x)
+    if x.shape[0] == 0:
+        invalid.add("embeddings")
+    ring = facekernels.RingLoss(loss_weight=0.5)
+
+    def ring_check(loss):  # elementwise: IEEE arithmetic, NaN in -> NaN out, inf -> inf
+        want = reference.ring_loss(x.double(), ring.radius.double(), 0.5)
+        torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2, equal_nan=True)
+
+    assert_policy(lambda: ring(x), invalid, ring_check)
+    y = torch.tensor([draw(st.integers(-1, 2)) for _ in range(x.shape[0])])
+    margin = draw(st.sampled_from([math.nan, 1.0]))
+    pair_invalid = {"emb1" if name == "embeddings" else name for name in invalid}
+    pair_invalid |= flag("y", bool(((y < 0) | (y > 1)).any())) | flag("margin", math.isnan(margin))
+    other = x.flip(0) if x.is_floating_point() else x
+
+    def pair_check(loss):
+        want = reference.pairwise_contrastive_loss(x.double(), other.double(), y, margin=margin)
+        torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2, equal_nan=True)
+
+    assert_policy(lambda: facekernels.contrastive_loss(x, other, y, margin=margin), pair_invalid, pair_check)
