@@ -2,7 +2,9 @@
 identifies by cosine similarity to enrolled identity templates.
 
 Similarities are cosine (embeddings are L2-normalized here) and a match is accepted when
-``score >= threshold``, as in ``facekernels.eval.verification``.
+``score >= threshold``, as in ``facekernels.eval.verification``. Embeddings must be finite:
+a NaN or inf row is a ValueError naming the argument and the row, as it has no honest
+best match.
 """
 
 import math
@@ -10,28 +12,33 @@ import math
 import torch
 import torch.nn.functional as F
 
+from facekernels.eval._checks import as_tensor, check_embeddings, check_finite, check_integer, check_real
+
 # Probes scored per matrix product, bounding memory at CHUNK x gallery size.
 _CHUNK = 4096
 
 
-def _check_embeddings(name, embeddings, dim=None):
-    embeddings = torch.as_tensor(embeddings)
-    if embeddings.dim() != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty [N, D] tensor, got shape {tuple(embeddings.shape)}")
-    if not embeddings.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {embeddings.dtype}")
-    if dim is not None and embeddings.shape[1] != dim:
-        raise ValueError(f"{name} has dimension {embeddings.shape[1]}, expected {dim}")
-    return embeddings.detach()
+def _check_embeddings(op, name, embeddings, dim=None):
+    embeddings = check_embeddings(op, name, embeddings, dim)
+    check_finite(op, name, embeddings)
+    return embeddings
 
 
-def _check_labels(name, labels, n, embeddings_name):
-    labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
+def _check_labels(op, name, labels, n, embeddings_name):
+    labels = as_tensor(op, name, labels)
+    check_integer(op, name, labels)
     if labels.shape != (n,):
-        raise ValueError(f"{name} has shape {tuple(labels.shape)}, expected ({n},) to match {embeddings_name}")
-    return labels.detach().cpu().long()
+        raise ValueError(f"{op}: {name} has shape {tuple(labels.shape)}, expected ({n},) to match "
+                         f"{embeddings_name}")
+    return labels.cpu().long()
+
+
+def _check_gallery_and_probes(op, gallery_emb, gallery_labels, probe_emb, probe_labels):
+    gallery_emb = _check_embeddings(op, "gallery_emb", gallery_emb)
+    gallery_labels = _check_labels(op, "gallery_labels", gallery_labels, gallery_emb.shape[0], "gallery_emb")
+    probe_emb = _check_embeddings(op, "probe_emb", probe_emb, gallery_emb.shape[1])
+    probe_labels = _check_labels(op, "probe_labels", probe_labels, probe_emb.shape[0], "probe_emb")
+    return gallery_emb, gallery_labels, probe_emb, probe_labels
 
 
 def _best_match(gallery, probes):
@@ -61,10 +68,8 @@ def rank1_accuracy(gallery_emb, gallery_labels, probe_emb, probe_labels):
     Returns:
         A Python float in [0, 1].
     """
-    gallery_emb = _check_embeddings("gallery_emb", gallery_emb)
-    gallery_labels = _check_labels("gallery_labels", gallery_labels, gallery_emb.shape[0], "gallery_emb")
-    probe_emb = _check_embeddings("probe_emb", probe_emb, gallery_emb.shape[1])
-    probe_labels = _check_labels("probe_labels", probe_labels, probe_emb.shape[0], "probe_emb")
+    gallery_emb, gallery_labels, probe_emb, probe_labels = _check_gallery_and_probes(
+        "rank1_accuracy", gallery_emb, gallery_labels, probe_emb, probe_labels)
     _, index = _best_match(gallery_emb, probe_emb)
     return float((gallery_labels[index] == probe_labels).double().mean())
 
@@ -90,19 +95,18 @@ def open_set_identification(gallery_emb, gallery_labels, probe_emb, probe_labels
         match has their label and scores >= threshold; "far", the fraction of impostor
         probes scoring >= threshold.
     """
-    far = float(far)
+    op = "open_set_identification"
+    far = check_real(op, "far", far)
     if not 0.0 < far < 1.0:
-        raise ValueError(f"far must be in (0, 1), got {far}")
-    gallery_emb = _check_embeddings("gallery_emb", gallery_emb)
-    gallery_labels = _check_labels("gallery_labels", gallery_labels, gallery_emb.shape[0], "gallery_emb")
-    probe_emb = _check_embeddings("probe_emb", probe_emb, gallery_emb.shape[1])
-    probe_labels = _check_labels("probe_labels", probe_labels, probe_emb.shape[0], "probe_emb")
+        raise ValueError(f"{op}: far must be in (0, 1), got {far}")
+    gallery_emb, gallery_labels, probe_emb, probe_labels = _check_gallery_and_probes(
+        op, gallery_emb, gallery_labels, probe_emb, probe_labels)
 
     genuine = torch.isin(probe_labels, gallery_labels)
     n_genuine, n_impostor = int(genuine.sum()), int((~genuine).sum())
     if n_genuine == 0 or n_impostor == 0:
         raise ValueError(
-            f"probe_labels needs probes both enrolled and not enrolled in gallery_labels, "
+            f"{op}: probe_labels needs probes both enrolled and not enrolled in gallery_labels, "
             f"got {n_genuine} enrolled and {n_impostor} not"
         )
     scores, index = _best_match(gallery_emb, probe_emb)
@@ -155,10 +159,10 @@ class Gallery:
     def enroll(self, embeddings, labels):
         """Adds samples ``embeddings`` float [N, D] of identities ``labels`` int [N] (>= 0)."""
         dim = None if self._sums is None else self._sums.shape[1]
-        embeddings = _check_embeddings("embeddings", embeddings, dim)
-        labels = _check_labels("labels", labels, embeddings.shape[0], "embeddings")
+        embeddings = _check_embeddings("Gallery.enroll", "embeddings", embeddings, dim)
+        labels = _check_labels("Gallery.enroll", "labels", labels, embeddings.shape[0], "embeddings")
         if (labels < 0).any():
-            raise ValueError("labels must be non-negative: -1 means unknown in identify()")
+            raise ValueError("Gallery.enroll: labels must be non-negative: -1 means unknown in identify()")
         samples = F.normalize(embeddings.cpu().double(), dim=1)
 
         new = torch.unique(labels[~torch.isin(labels, self._labels)])
@@ -179,9 +183,12 @@ class Gallery:
             (labels, scores): int64 [Q] enrolled labels, -1 where ``threshold`` is given
             and the best cosine similarity is below it; float64 [Q] best similarities.
         """
+        op = "Gallery.identify"
         if self._sums is None:
-            raise ValueError("the gallery is empty: enroll() identities first")
-        embeddings = _check_embeddings("embeddings", embeddings, self._sums.shape[1])
+            raise ValueError(f"{op}: the gallery is empty: enroll() identities first")
+        embeddings = _check_embeddings(op, "embeddings", embeddings, self._sums.shape[1])
+        if threshold is not None:
+            threshold = check_real(op, "threshold", threshold)  # +-inf: accept all / none
         scores, index = _best_match(self._sums, embeddings.cpu())
         labels = self._labels[index]
         if threshold is not None:

@@ -6,6 +6,8 @@ Layout assumed: images at ``<root>/<name>/<name>_<index:04d>.jpg`` (e.g.
 
 import os
 
+from facekernels.eval._checks import check_int
+
 
 def _relative_path(name, index):
     return f"{name}/{name}_{index:04d}.jpg"
@@ -14,9 +16,7 @@ def _relative_path(name, index):
 def lfw_image_path(root, name, index):
     """Path of image ``index`` (1-based) of person ``name`` under the LFW image root, as
     a str: ``<root>/<name>/<name>_<index:04d>.jpg``."""
-    index = int(index)
-    if index < 1:
-        raise ValueError(f"index must be >= 1 (LFW numbers images from 1), got {index}")
+    index = check_int("lfw_image_path", "index", index, 1)  # LFW numbers images from 1
     return os.path.join(os.fspath(root), *_relative_path(name, index).split("/"))
 
 
@@ -45,20 +45,30 @@ def read_lfw_pairs(path):
         ``name/name_0001.jpg``.
 
     Raises:
-        ValueError naming the file and line number of a malformed line or a count mismatch.
+        ValueError naming the file and line number of a malformed or non-UTF-8 line, a
+        header that declares no pairs, or a count mismatch.
     """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        lines = [(number, line.split()) for number, line in enumerate(f, start=1)]
-    lines = [(number, tokens) for number, tokens in lines if tokens]
+    lines = []
+    with open(path, "rb") as f:  # decoded line by line, so that an error can name its line
+        for number, raw in enumerate(f, start=1):
+            try:
+                tokens = raw.decode("utf-8").split()
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not UTF-8 text ({error.reason} "
+                                 f"at byte {error.start} of the line)") from None
+            if tokens:
+                lines.append((number, tokens))
     if not lines:
         raise ValueError(f"{path}: empty pairs file")
 
     header_number, header = lines[0]
-    if len(header) not in (1, 2) or not all(token.isdigit() for token in header):
+    if len(header) not in (1, 2) or not all(token.isdecimal() for token in header):
         raise ValueError(f"{path}, line {header_number}: header must be 'N' or 'folds N', "
                          f"got {' '.join(header)!r}")
     folds, per_set = (1, int(header[0])) if len(header) == 1 else map(int, header)
+    if folds == 0 or per_set == 0:
+        raise ValueError(f"{path}, line {header_number}: header declares no pairs, got {' '.join(header)!r}")
 
     pairs = []
     for number, tokens in lines[1:]:

@@ -3,13 +3,23 @@
 
 Convention throughout: a score is a similarity (higher = more alike) and a pair is
 accepted as "same person" when ``score >= threshold``. Metrics are computed on the CPU in
-float64 whatever the inputs' device and dtype.
+float64 whatever the inputs' device and dtype. Scores must be finite: a NaN score has no
+rank, so it is a ValueError naming its index, never a silently rejected pair.
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
+
+from facekernels.eval._checks import (
+    as_tensor,
+    check_embeddings,
+    check_finite,
+    check_int,
+    check_integer,
+    check_real,
+)
 
 # The FARs that verification_report quotes, keyed as the report writes them.
 REPORT_FARS = {"1e-1": 1e-1, "1e-2": 1e-2, "1e-3": 1e-3}
@@ -18,23 +28,29 @@ REPORT_FARS = {"1e-1": 1e-1, "1e-2": 1e-2, "1e-3": 1e-3}
 _FAR_EPS = 1e-9
 
 
-def _check_scores(scores, same):
-    scores = torch.as_tensor(scores)
-    same = torch.as_tensor(same)
+def _check_scores(op, scores, same):
+    scores = as_tensor(op, "scores", scores)
+    same = as_tensor(op, "same", same)
     if scores.dim() != 1 or scores.numel() == 0:
-        raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+        raise ValueError(f"{op}: scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
     if not scores.is_floating_point():
-        raise ValueError(f"scores must be floating point, got {scores.dtype}")
+        raise ValueError(f"{op}: scores must be floating point, got {scores.dtype}")
     if same.dtype != torch.bool:
-        raise ValueError(f"same must be a bool tensor, got {same.dtype}")
+        raise ValueError(f"{op}: same must be a bool tensor, got {same.dtype}")
     if same.shape != scores.shape:
         raise ValueError(
-            f"same has shape {tuple(same.shape)} but scores has shape {tuple(scores.shape)}"
+            f"{op}: same has shape {tuple(same.shape)} but scores has shape {tuple(scores.shape)}"
         )
-    scores = scores.detach().to("cpu", torch.float64)
-    if not torch.isfinite(scores).all():
-        raise ValueError("scores contains NaN or infinite values")
-    return scores, same.detach().cpu()
+    scores = scores.to("cpu", torch.float64)
+    check_finite(op, "scores", scores)
+    return scores, same.cpu()
+
+
+def _check_folds(op, folds, n):
+    folds = check_int(op, "folds", folds, 2)
+    if n < folds:
+        raise ValueError(f"{op}: scores has {n} pairs, fewer than folds={folds}")
+    return folds
 
 
 def _roc_counts(scores, same):
@@ -57,15 +73,22 @@ def _roc_counts(scores, same):
     )
 
 
-def _class_counts(same):
+def _class_counts(op, same):
     n_pos = int(same.sum())
     n_neg = same.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(
-            f"same needs both positive and negative pairs, got {n_pos} positive and "
+            f"{op}: same needs both positive and negative pairs, got {n_pos} positive and "
             f"{n_neg} negative"
         )
     return n_pos, n_neg
+
+
+def _roc_curve(op, scores, same):
+    scores, same = _check_scores(op, scores, same)
+    n_pos, n_neg = _class_counts(op, same)
+    tp, fp, thresholds = _roc_counts(scores, same)
+    return fp.double() / n_neg, tp.double() / n_pos, thresholds
 
 
 def roc_curve(scores, same):
@@ -81,10 +104,7 @@ def roc_curve(scores, same):
         at each, a pair is accepted when ``score >= threshold``. Pairs with equal scores
         are always accepted together, so ties give a single (diagonal) step.
     """
-    scores, same = _check_scores(scores, same)
-    n_pos, n_neg = _class_counts(same)
-    tp, fp, thresholds = _roc_counts(scores, same)
-    return fp.double() / n_neg, tp.double() / n_pos, thresholds
+    return _roc_curve("roc_curve", scores, same)
 
 
 def roc_auc(fpr, tpr):
@@ -92,14 +112,19 @@ def roc_auc(fpr, tpr):
     the Mann-Whitney statistic).
 
     Args:
-        fpr, tpr: the [T] curves returned by ``roc_curve`` (fpr non-decreasing).
+        fpr, tpr: the [T] curves returned by ``roc_curve`` (finite, fpr non-decreasing).
     """
-    fpr, tpr = torch.as_tensor(fpr), torch.as_tensor(tpr)
+    op = "roc_auc"
+    fpr, tpr = as_tensor(op, "fpr", fpr).double(), as_tensor(op, "tpr", tpr).double()
     if fpr.dim() != 1 or fpr.numel() < 2:
-        raise ValueError(f"fpr must be a 1-D tensor of at least 2 points, got shape {tuple(fpr.shape)}")
+        raise ValueError(f"{op}: fpr must be a 1-D tensor of at least 2 points, got shape {tuple(fpr.shape)}")
     if tpr.shape != fpr.shape:
-        raise ValueError(f"tpr has shape {tuple(tpr.shape)} but fpr has shape {tuple(fpr.shape)}")
-    return float(torch.trapezoid(tpr.double(), fpr.double()))
+        raise ValueError(f"{op}: tpr has shape {tuple(tpr.shape)} but fpr has shape {tuple(fpr.shape)}")
+    check_finite(op, "fpr", fpr)
+    check_finite(op, "tpr", tpr)
+    if (fpr.diff() < 0).any():  # the area would come out negative or too small
+        raise ValueError(f"{op}: fpr must be non-decreasing, as roc_curve returns it")
+    return float(torch.trapezoid(tpr, fpr))
 
 
 def tar_at_far(scores, same, far):
@@ -110,11 +135,12 @@ def tar_at_far(scores, same, far):
     false accept exceeds ``far``, so the operating point is not resolved by the data and
     the only admissible thresholds are those with zero false accepts.
     """
-    far = float(far)
+    op = "tar_at_far"
+    far = check_real(op, "far", far)
     if not 0.0 < far <= 1.0:
-        raise ValueError(f"far must be in (0, 1], got {far}")
-    scores, same = _check_scores(scores, same)
-    n_pos, n_neg = _class_counts(same)
+        raise ValueError(f"{op}: far must be in (0, 1], got {far}")
+    scores, same = _check_scores(op, scores, same)
+    n_pos, n_neg = _class_counts(op, same)
     if n_neg * far < 1.0 - _FAR_EPS:
         return None
     tp, fp, _ = _roc_counts(scores, same)
@@ -129,7 +155,7 @@ def equal_error_rate(scores, same):
     the EER is read off the first ROC point where it reaches 0, linearly interpolated from
     the point before it when the crossing falls between two ROC points.
     """
-    fpr, tpr, _ = roc_curve(scores, same)
+    fpr, tpr, _ = _roc_curve("equal_error_rate", scores, same)
     fnr = 1.0 - tpr
     diff = fpr - fnr
     k = int(torch.nonzero(diff >= 0)[0])  # k >= 1: diff[0] = -1
@@ -154,7 +180,7 @@ def best_threshold(scores, same):
     Returns:
         (threshold, accuracy) as Python floats.
     """
-    scores, same = _check_scores(scores, same)
+    scores, same = _check_scores("best_threshold", scores, same)
     n_neg = same.numel() - int(same.sum())
     tp, fp, thresholds = _roc_counts(scores, same)
     correct = tp + (n_neg - fp)
@@ -179,12 +205,8 @@ def kfold_accuracy(scores, same, folds=10):
         (mean, std) of the per-fold accuracies as Python floats; std is the population
         standard deviation (divides by ``folds``), as in the common LFW evaluation code.
     """
-    scores, same = _check_scores(scores, same)
-    folds = int(folds)
-    if folds < 2:
-        raise ValueError(f"folds must be at least 2, got {folds}")
-    if scores.numel() < folds:
-        raise ValueError(f"scores has {scores.numel()} pairs, fewer than folds={folds}")
+    scores, same = _check_scores("kfold_accuracy", scores, same)
+    folds = _check_folds("kfold_accuracy", folds, scores.numel())
     accuracies = []
     for held_out in torch.tensor_split(torch.arange(scores.numel()), folds):
         train = torch.ones(scores.numel(), dtype=torch.bool)
@@ -205,7 +227,11 @@ def verification_report(scores, same, folds=10):
         negative pairs resolves, see ``tar_at_far``), "eer" and "roc_auc"; all values are
         Python floats.
     """
-    scores, same = _check_scores(scores, same)
+    # Checked here, so that no error names a function the caller did not call.
+    op = "verification_report"
+    scores, same = _check_scores(op, scores, same)
+    _class_counts(op, same)
+    folds = _check_folds(op, folds, scores.numel())
     accuracy, accuracy_std = kfold_accuracy(scores, same, folds)
     tars = {}
     for key, far in REPORT_FARS.items():
@@ -247,21 +273,19 @@ def make_pairs(labels, *, max_negatives_per_positive=1, generator=None):
     Returns:
         (i, j, same): int64 [P], int64 [P], bool [P].
     """
-    labels = torch.as_tensor(labels).detach().cpu()
+    op = "make_pairs"
+    labels = as_tensor(op, "labels", labels).cpu()
     if labels.dim() != 1 or labels.numel() == 0:
-        raise ValueError(f"labels must be a non-empty 1-D tensor, got shape {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    ratio = int(max_negatives_per_positive)
-    if ratio < 0:
-        raise ValueError(f"max_negatives_per_positive must be >= 0, got {ratio}")
+        raise ValueError(f"{op}: labels must be a non-empty 1-D tensor, got shape {tuple(labels.shape)}")
+    check_integer(op, "labels", labels)
+    ratio = check_int(op, "max_negatives_per_positive", max_negatives_per_positive, 0)
 
     # Positives: every pair within each identity's (sorted) index group.
     order = torch.argsort(labels, stable=True)
     _, counts = torch.unique_consecutive(labels[order], return_counts=True)
     groups = [g for g in torch.split(order, counts.tolist()) if g.numel() > 1]
     if not groups:
-        raise ValueError("labels has no identity with two samples: there are no positive pairs")
+        raise ValueError(f"{op}: labels has no identity with two samples: there are no positive pairs")
     positives = torch.cat([torch.combinations(torch.sort(g).values, 2) for g in groups])
 
     n = labels.numel()
@@ -299,18 +323,26 @@ def pair_scores(embeddings, i, j):
 
     Args:
         embeddings: float [N, D]; L2-normalized here, so raw features are fine.
-        i, j: int64 [P] row indices.
+        i, j: integer [P] row indices in [0, N) (negative indices do not wrap).
 
     Returns:
-        float [P] in the embeddings' dtype and device.
+        float [P] in the embeddings' dtype and device; NaN for a pair with a non-finite
+        embedding, whose similarity is undefined (the metrics above then reject it).
     """
-    embeddings, i, j = torch.as_tensor(embeddings), torch.as_tensor(i), torch.as_tensor(j)
-    if embeddings.dim() != 2 or embeddings.shape[0] == 0:
-        raise ValueError(f"embeddings must be a non-empty [N, D] tensor, got shape {tuple(embeddings.shape)}")
+    op = "pair_scores"
+    embeddings = check_embeddings(op, "embeddings", embeddings)
+    i, j = as_tensor(op, "i", i), as_tensor(op, "j", j)
     if i.dim() != 1 or i.numel() == 0:
-        raise ValueError(f"i must be a non-empty 1-D index tensor, got shape {tuple(i.shape)}")
+        raise ValueError(f"{op}: i must be a non-empty 1-D index tensor, got shape {tuple(i.shape)}")
     if j.shape != i.shape:
-        raise ValueError(f"j has shape {tuple(j.shape)} but i has shape {tuple(i.shape)}")
+        raise ValueError(f"{op}: j has shape {tuple(j.shape)} but i has shape {tuple(i.shape)}")
+    n = embeddings.shape[0]
+    for name, index in (("i", i), ("j", j)):
+        check_integer(op, name, index)
+        if int(index.min()) < 0 or int(index.max()) >= n:
+            raise ValueError(f"{op}: {name} must hold row indices in [0, {n}), got values "
+                             f"from {int(index.min())} to {int(index.max())}")
     normalized = F.normalize(embeddings, dim=1)
-    i, j = i.to(normalized.device), j.to(normalized.device)
+    # int64, since torch would read a uint8 index as a mask.
+    i, j = i.to(normalized.device, torch.int64), j.to(normalized.device, torch.int64)
     return (normalized[i] * normalized[j]).sum(dim=1)

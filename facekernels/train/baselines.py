@@ -4,6 +4,7 @@ import torch
 
 from facekernels.eval import pair_scores, verification_report
 from facekernels.train.data import center_crop
+from facekernels.train.loop import FOLDS
 
 
 def _pixels(faces):
@@ -13,7 +14,7 @@ def _pixels(faces):
 def raw_pixels(held_out, pairs):
     """Cosine similarity of the raw (center-cropped) pixels."""
     i, j, same = pairs
-    return verification_report(pair_scores(_pixels(held_out), i, j), same)
+    return verification_report(pair_scores(_pixels(held_out), i, j), same, FOLDS)
 
 
 def eigenfaces(train_set, held_out, pairs, components=64):
@@ -25,4 +26,4 @@ def eigenfaces(train_set, held_out, pairs, components=64):
     basis = basis[: min(components, basis.shape[0])]
     projected = (_pixels(held_out).double() - mean) @ basis.t()
     i, j, same = pairs
-    return verification_report(pair_scores(projected, i, j), same)
+    return verification_report(pair_scores(projected, i, j), same, FOLDS)

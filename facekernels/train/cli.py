@@ -4,6 +4,8 @@ facekernels, side by side, and report parity, speed and face-verification accura
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 
 import torch
@@ -14,38 +16,104 @@ from facekernels.train.loop import Config, initial_state, train, verification_pa
 from facekernels.train.objectives import IMPLS, LOSSES, MINING, training_defaults
 
 
+class Parser(argparse.ArgumentParser):
+    """Errors are one line on stderr and exit status 2, without argparse's usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, accept, expected):
+    """An argparse type: `kind(text)` where `accept` holds (NaN and inf fail every test
+    used here, so they are refused too)."""
+    def parse(text):
+        try:
+            value = kind(text)
+            ok = accept(value)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+def _check_output(p, option, path):
+    """An output must be writable now, not only after minutes of training. An existing
+    file is checked itself (so /dev/stdout works), a new one by its folder."""
+    if not os.path.basename(path):
+        p.error(f"{option} {path!r}: names no file")
+    if os.path.isdir(path):
+        p.error(f"{option} {path}: is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    exists = os.path.exists(path)
+    if not exists and not os.path.isdir(folder):
+        p.error(f"{option} {path}: no such directory {folder}")
+    if not (os.access(path, os.W_OK) if exists else os.access(folder, os.W_OK | os.X_OK)):
+        p.error(f"{option} {path}: permission denied")
+
+
+def _check_plot(p, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        p.error(f"--plot needs matplotlib (pip install matplotlib): {error}")
+    suffix = os.path.splitext(path)[1][1:].lower()
+    formats = Figure().canvas.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        p.error(f"--plot {path}: matplotlib cannot write .{suffix} files, only {', '.join(sorted(formats))}")
+
+
 def parse_args(argv):
     defaults = Config()
-    p = argparse.ArgumentParser(prog="facekernels-train", description=__doc__)
+    p = Parser(prog="facekernels-train", description=__doc__)
+    positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
     p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
-    p.add_argument("--mining", choices=MINING, default=defaults.mining,
-                   help="triplet mining (with --loss triplet)")
+    p.add_argument("--mining", choices=MINING, help=f"triplet mining, with --loss triplet only "
+                                                    f"(default: {defaults.mining})")
     p.add_argument("--impl", choices=IMPLS + ("both",), default="both")
     p.add_argument("--data", metavar="DIR",
-                   help="an ImageFolder tree, one folder per person (default: built-in synthetic faces)")
-    p.add_argument("--holdout", type=float, default=0.25, help="fraction of people held out for verification")
-    p.add_argument("--embedding-size", type=int, default=defaults.embedding_size)
-    p.add_argument("--epochs", type=int, help="default: per loss, see objectives.TRAINING_DEFAULTS")
-    p.add_argument("--batch-size", type=int, default=64,
+                   help="an ImageFolder tree, one folder per person, two photos or more for each "
+                        "held-out person (default: built-in synthetic faces)")
+    p.add_argument("--holdout", type=_number(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+                   default=0.25, help="fraction of people held out for verification")
+    p.add_argument("--embedding-size", type=positive_int, default=defaults.embedding_size)
+    p.add_argument("--epochs", type=positive_int, help="default: per loss, see objectives.TRAINING_DEFAULTS")
+    p.add_argument("--batch-size", type=positive_int, default=64,
                    help="photos per batch: 4 photos per person (8 for triplet and contrastive)")
-    p.add_argument("--lr", type=float, help="AdamW's peak learning rate; default: per loss")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's weight decay")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--lr", type=_number(float, lambda v: 0 < v < math.inf, "a finite number > 0"),
+                   help="AdamW's peak learning rate; default: per loss")
+    p.add_argument("--weight-decay", type=_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+                   default=defaults.weight_decay, help="AdamW's weight decay")
+    p.add_argument("--seed", type=_number(int, lambda v: -2**63 <= v < 2**64, "an integer in [-2^63, 2^64)"),
+                   default=defaults.seed)  # the range torch.manual_seed takes
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--amp", choices=("none", "bf16"), default="none")
     p.add_argument("--report", metavar="FILE.json")
     p.add_argument("--plot", metavar="FILE.png")
     args = p.parse_args(argv)
+    if args.mining is not None and args.loss != "triplet":
+        p.error(f"--mining applies to --loss triplet only, got --loss {args.loss}")
+    args.mining = args.mining or defaults.mining
     tuned = training_defaults(args.loss)
     args.epochs = tuned["epochs"] if args.epochs is None else args.epochs
     args.lr = tuned["lr"] if args.lr is None else args.lr
     args.per_person = tuned["per_person"]
     if args.batch_size < 2 * args.per_person or args.batch_size % args.per_person:
-        p.error(f"--batch-size must be a multiple of {args.per_person}, at least {2 * args.per_person}")
-    if args.epochs < 1:
-        p.error("--epochs must be at least 1")
+        p.error(f"--batch-size must be a multiple of {args.per_person}, at least {2 * args.per_person}, "
+                f"got {args.batch_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    for option, path in (("--report", args.report), ("--plot", args.plot)):
+        if path is not None:
+            _check_output(p, option, path)
+    if args.plot is not None:
+        _check_plot(p, args.plot)
+        if args.report is not None and os.path.abspath(args.plot) == os.path.abspath(args.report):
+            p.error(f"--plot and --report name the same file, {args.plot}")
     return p, args
 
 
@@ -68,13 +136,8 @@ def summary_table(report):
 
 
 def plot(report, runs, path):
-    try:
-        import matplotlib
+    import matplotlib.pyplot as plt  # present: parse_args checked
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise SystemExit(f"--plot needs matplotlib (pip install matplotlib): {error}")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, run in runs.items():
         left.plot(run.losses, label=name, alpha=0.8)
@@ -96,11 +159,13 @@ def main(argv=None):
 
 def run(argv):
     """Trains and evaluates as the command line `argv` asks, prints the summary and
-    returns the report."""
+    returns the report. Every input is checked before the first training step: a bad one
+    exits with status 2 and one line on stderr."""
     parser, args = parse_args(argv)
     try:
-        faces = image_folder(args.data) if args.data else synthetic_faces(seed=args.seed)
+        faces = image_folder(args.data) if args.data is not None else synthetic_faces(seed=args.seed)
         train_set, held_out = open_set_split(faces, args.holdout, args.seed)
+        pairs = verification_pairs(held_out, args.seed)
     except ValueError as error:
         parser.error(str(error))
     config = Config(loss=args.loss, mining=args.mining, embedding_size=args.embedding_size,
@@ -108,7 +173,7 @@ def run(argv):
                     per_person=args.per_person, lr=args.lr, weight_decay=args.weight_decay,
                     seed=args.seed, device=args.device, amp=args.amp)
     config.people_per_batch = min(config.people_per_batch, train_set.num_people)
-    source = args.data or "built-in synthetic faces"
+    source = "built-in synthetic faces" if args.data is None else args.data
     print(f"data: {source}: {faces.num_people} people, {len(faces.labels)} photos; "
           f"training on {train_set.num_people} people, verifying on {held_out.num_people} held-out people")
 
@@ -116,7 +181,6 @@ def run(argv):
     impls = IMPLS if args.impl == "both" else (args.impl,)
     runs = {impl: train(config, train_set, held_out, impl, state, parity=impl == "facekernels")
             for impl in impls}
-    pairs = verification_pairs(held_out, args.seed)
     report = {
         "loss": args.loss if args.loss != "triplet" else f"triplet ({args.mining})",
         "data": source,

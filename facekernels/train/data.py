@@ -81,21 +81,32 @@ def _read_image(path):
                          align_corners=False)[0]
 
 
+def _listdir(root, folder):
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as error:
+        raise ValueError(f"--data {root}: cannot list {folder}: {error.strerror}") from error
+
+
 def image_folder(root):
     """An ImageFolder tree: one folder per person holding that person's photos (PGM, PNG,
-    JPEG, through Pillow). Files of other types are ignored."""
+    JPEG, through Pillow). Files of other types are ignored. A name with an image suffix
+    that is not a regular file (a FIFO, a device, a folder) is an error, raised without
+    opening it: opening a FIFO would wait forever for a writer."""
     if not os.path.isdir(root):
         raise ValueError(f"--data {root}: no such directory")
-    people = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    people = [d for d in _listdir(root, root) if os.path.isdir(os.path.join(root, d))]
     images, labels, names = [], [], []
     for person in people:
         folder = os.path.join(root, person)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+        files = [os.path.join(folder, f) for f in _listdir(root, folder) if f.lower().endswith(IMAGE_SUFFIXES)]
         if not files:
             continue
         names.append(person)
-        for name in files:
-            images.append(_read_image(os.path.join(folder, name)))
+        for path in files:
+            if not os.path.isfile(path):  # follows symlinks; stat only, never opens
+                raise ValueError(f"--data {root}: {path} is not a regular file")
+            images.append(_read_image(path))
             labels.append(len(names) - 1)
     if len(names) < 2:
         raise ValueError(f"--data {root}: need at least two people (folders with images), found {len(names)}")

@@ -13,6 +13,8 @@ from facekernels.train.memory import peak_bytes, reset_peak
 from facekernels.train.model import EmbeddingNet
 from facekernels.train.objectives import Objective
 
+FOLDS = 10  # verification accuracy by the LFW protocol's 10-fold cross-validation
+
 
 @dataclass
 class Config:
@@ -195,8 +197,23 @@ def embed(model, images, device, batch=256):
 
 
 def verification_pairs(held_out, seed):
-    """The held-out people's verification pairs, the same for every run and baseline."""
-    return make_pairs(held_out.labels, generator=torch.Generator().manual_seed(seed))
+    """The held-out people's verification pairs, the same for every run and baseline.
+
+    Raises ValueError when they cannot be scored: a held-out person with a single photo
+    (no positive pair), or fewer pairs than FOLDS."""
+    photos = torch.bincount(held_out.labels, minlength=held_out.num_people).tolist()
+    single = [name for name, count in zip(held_out.names, photos) if count < 2]
+    if single:
+        raise ValueError(f"every held-out person needs two photos or more for verification pairs; "
+                         f"{len(single)} of {held_out.num_people} have a single photo: {', '.join(single[:5])}"
+                         f"{', ...' if len(single) > 5 else ''} (people are held out at random by "
+                         f"--holdout and --seed)")
+    pairs = make_pairs(held_out.labels, generator=torch.Generator().manual_seed(seed))
+    if len(pairs[2]) < FOLDS:
+        raise ValueError(f"the {held_out.num_people} held-out people give {len(pairs[2])} verification "
+                         f"pairs, fewer than the {FOLDS} folds of the protocol: add people or photos, "
+                         f"or raise --holdout")
+    return pairs
 
 
 def evaluate(model, held_out, device, seed):
@@ -204,4 +221,4 @@ def evaluate(model, held_out, device, seed):
     i, j, same = verification_pairs(held_out, seed)
     scores = pair_scores(embed(model, held_out.images, device), i, j)
     fpr, tpr, _ = roc_curve(scores, same)
-    return verification_report(scores, same), (fpr.tolist(), tpr.tolist())
+    return verification_report(scores, same, FOLDS), (fpr.tolist(), tpr.tolist())
