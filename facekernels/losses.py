@@ -371,8 +371,9 @@ class JointIdentificationVerificationLoss(SoftmaxLoss):
     def __init__(self, num_classes, embedding_size, margin=1.0, verification_weight=0.05,
                  chunk_size=None):
         super().__init__(num_classes, embedding_size, chunk_size=chunk_size)
-        self.margin = margin
-        self.verification_weight = verification_weight
+        owner = "JointIdentificationVerificationLoss"
+        self.margin = check_number(owner, "margin", margin)
+        self.verification_weight = check_number(owner, "verification_weight", verification_weight, 0.0)
 
     def loss(self, embeddings, labels, weight, return_predictions=False):
         identification = super().loss(embeddings, labels, weight, return_predictions)

@@ -26,6 +26,10 @@ def embeddings(n=6, d=8, dtype=torch.float32):
     (lambda: facekernels.ArcFaceLoss(10, 8, chunk_size=2**63), ValueError, "ArcFaceLoss: chunk_size must be"),
     (lambda: facekernels.RingLoss(loss_weight=NAN), ValueError, "RingLoss: loss_weight must be"),
     (lambda: facekernels.RingLoss(radius=INF), ValueError, "RingLoss: radius must be"),
+    (lambda: facekernels.JointIdentificationVerificationLoss(10, 8, margin=NAN), ValueError,
+     "JointIdentificationVerificationLoss: margin must be"),
+    (lambda: facekernels.JointIdentificationVerificationLoss(10, 8, verification_weight=-1.0), ValueError,
+     "verification_weight must be"),
 ])
 def test_constructors_name_their_own_arguments(make, error, match):
     with pytest.raises(error, match=match):
@@ -46,6 +50,8 @@ def test_constructors_name_their_own_arguments(make, error, match):
     (lambda: facekernels.margin_softmax_loss(torch.randn(3, 0), torch.randn(10, 0), torch.zeros(3, dtype=torch.long)), ValueError, "embeddings must have at least one column"),
     (lambda: facekernels.CenterLoss(10, 0), ValueError, "embedding_size must be a positive int"),
     (lambda: facekernels.TripletMarginLoss()(torch.randn(4, 0), torch.zeros(4, dtype=torch.long)), ValueError, "embeddings must have at least one column"),
+    (lambda: facekernels.pairwise_distance([[1.0]]), TypeError, "pairwise_distance: x must be a floating-point"),
+    (lambda: facekernels.pairwise_distance(torch.randn(3, 4), torch.randn(2, 5)), ValueError, "ref must have x's dtype and width"),
 ])
 def test_forward_rejects_with_the_argument_named(call, error, match):
     with pytest.raises(error, match=match):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import facekernels
+import facekernels.eval
 from facekernels import reference
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install '.[test]')")
@@ -257,3 +258,54 @@ def test_ring_loss_and_pair_contrastive(data):
         torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2, equal_nan=True)
 
     assert_policy(lambda: facekernels.contrastive_loss(x, other, y, margin=margin), pair_invalid, pair_check)
+
+
+@given(data=st.data())
+def test_verification_metrics(data):
+    draw = data.draw
+    n = draw(st.integers(0, 12))
+    scores = torch.tensor([draw(st.sampled_from([-0.5, 0.1, 0.7, 0.9, math.nan, math.inf]))
+                           for _ in range(n)], dtype=torch.float64)
+    same = torch.tensor([draw(st.booleans()) for _ in range(n)], dtype=torch.bool)
+    folds = draw(st.sampled_from([2, 3, math.nan, 2.5, 1, True]))
+    invalid = flag("scores", n == 0 or not bool(scores.isfinite().all()))
+    one_class = flag("same", n > 0 and (bool(same.all()) or not bool(same.any())))  # EER needs both
+    fold_invalid = flag("folds", not (type(folds) is int and 2 <= folds <= max(n, 1) and folds <= n))
+
+    def truth(threshold):  # accuracy at a threshold, from the definition
+        return float(((scores >= threshold) == same).double().mean())
+
+    def check_eer(eer):
+        assert 0.0 <= eer <= 1.0
+
+    assert_policy(lambda: facekernels.eval.equal_error_rate(scores, same), invalid | one_class, check_eer)
+    assert_policy(lambda: facekernels.eval.best_threshold(scores, same), invalid,
+                  lambda best: truth(best[0]) == pytest.approx(best[1]))
+    assert_policy(lambda: facekernels.eval.kfold_accuracy(scores, same, folds=folds),
+                  invalid | fold_invalid, lambda result: None)
+
+
+@given(data=st.data())
+def test_identification_refuses_non_finite_embeddings(data):
+    draw = data.draw
+    gallery, gallery_finite = draw(embeddings(min_rows=1))
+    probes = torch.randn(3, gallery.shape[1], dtype=torch.float64)
+    if draw(st.booleans()) and gallery.shape[1]:
+        probes[draw(st.integers(0, 2)), 0] = math.nan
+    gallery_labels = torch.arange(gallery.shape[0])
+    probe_labels = torch.zeros(3, dtype=torch.int64)
+    invalid = flag("gallery_emb", not gallery.is_floating_point() or gallery.shape[1] == 0
+                   or not bool(gallery_finite.all()))
+    invalid |= flag("probe_emb", not bool(probes.isfinite().all()))
+
+    def check(accuracy):
+        best = torch.nn.functional.normalize(probes, dim=1) @ \
+            torch.nn.functional.normalize(gallery.double(), dim=1).t()
+        assert accuracy == pytest.approx(float((gallery_labels[best.argmax(1)] == probe_labels).double().mean()))
+
+    assert_policy(lambda: facekernels.eval.rank1_accuracy(gallery, gallery_labels, probes, probe_labels),
+                  invalid, check)
+    gallery_store = facekernels.eval.Gallery()
+    enroll_invalid = {"embeddings" for name in invalid if name == "gallery_emb"}  # enroll's name
+    assert_policy(lambda: gallery_store.enroll(gallery, gallery_labels), enroll_invalid,
+                  lambda _: None, state=lambda: (len(gallery_store),))

@@ -127,6 +127,13 @@ def pairwise_distance(x, ref=None, distance="euclidean", normalize_embeddings=Tr
     square root whose gradient is 0 (not NaN) at distance 0. A NaN row gives NaN
     distances. "cosine" returns the similarity a.b (larger = closer)."""
     check_choice("pairwise_distance", "distance", distance, DISTANCES)
+    check_embeddings("pairwise_distance", x, "x", allow_empty=True)
+    if ref is not None:
+        check_embeddings("pairwise_distance", ref, "ref", allow_empty=True)
+        if ref.dtype != x.dtype or ref.shape[1] != x.shape[1]:
+            raise ValueError(f"pairwise_distance: ref must have x's dtype and width, got "
+                             f"{ref.dtype} {tuple(ref.shape)} and {x.dtype} {tuple(x.shape)}")
+        check_device("pairwise_distance", "ref", ref, x)
     self_ref = ref is None
     if normalize_embeddings:
         x = F.normalize(x, dim=1)
