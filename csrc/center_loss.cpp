@@ -67,7 +67,9 @@ CenterBackward center_backward_setup(const at::Tensor& grad_loss, const at::Tens
   constexpr const char* op = "center_loss_backward";
   check_defined_floating(op, "diff", diff);
   check_dim(op, "diff", diff, 2);
-  TORCH_CHECK_VALUE(diff.size(0) > 0, op, ": diff must hold at least one row");
+  TORCH_CHECK_VALUE(diff.size(0) > 0 && diff.size(0) <= INT32_MAX, op,
+                    ": diff must hold between 1 and 2^31 - 1 rows (one block each), got shape ",
+                    diff.sizes());
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must hold one value, got shape ",
                     grad_loss.sizes());
   check_same_device(op, "grad_loss", grad_loss, diff);

@@ -132,7 +132,10 @@ struct OnlineLse {
       return;
     }
     const acc_t m = other.max > max ? other.max : max;
-    sum = sum * std::exp(max - m) + other.sum * std::exp(other.max - m);
+    // The side holding the max keeps its sum as is: exp(max - m) would be exp(inf - inf)
+    // = NaN for a +inf logit, where push gives +inf.
+    sum = (max == m ? sum : sum * std::exp(max - m)) +
+          (other.max == m ? other.sum : other.sum * std::exp(other.max - m));
     max = m;
   }
 };

@@ -1,6 +1,7 @@
 #include "triplet.h"
 
 #include <ATen/OpMathType.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,6 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mine_impl(
     const at::Tensor& dist, const at::Tensor& labels, const at::Tensor& ref_labels,
     double margin, int64_t mining, bool self_ref, const TripletMinerKernels& kernels) {
   const TripletInputs in = triplet_setup("triplet_mine", dist, labels, ref_labels, mining, self_ref);
+  const c10::DeviceGuard device(dist.device());  // after the checks, for the kernels
   if (mining == kMineBatchHard) {
     auto [positive, negative] = kernels.hardest(in);
     const at::Tensor anchors = ((positive >= 0) & (negative >= 0)).nonzero().squeeze(1);

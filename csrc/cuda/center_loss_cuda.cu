@@ -70,8 +70,9 @@ __global__ void center_backward_kernel(const scalar_t* __restrict__ diff,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_loss_forward_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& centers,
     double alpha, bool compute_update) {
-  const c10::cuda::CUDAGuard guard(embeddings.device());
+  // Checks first: a CPU tensor among CUDA ones gets our message, not the guard's.
   CenterForward f = center_forward_setup(embeddings, labels, centers, compute_update);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
   const int64_t n = f.embeddings.size(0), dim = f.embeddings.size(1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -93,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor> center_loss_backward_cuda(const at::Tensor& g
                                                              const at::Tensor& labels,
                                                              int64_t num_classes,
                                                              bool centers_grad) {
-  const c10::cuda::CUDAGuard guard(diff.device());
   CenterBackward b = center_backward_setup(grad_loss, diff, labels, num_classes, centers_grad);
+  const c10::cuda::CUDAGuard guard(diff.device());
   const int64_t n = b.diff.size(0), dim = b.diff.size(1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -297,9 +297,10 @@ unsigned int pair_blocks(const TripletInputs& in) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_margin_forward_cuda(
     const at::Tensor& dist, const at::Tensor& labels, const at::Tensor& ref_labels,
     double margin, int64_t mining, bool self_ref, bool smooth) {
-  const c10::cuda::CUDAGuard guard(dist.device());
+  // Checks first: a CPU tensor among CUDA ones gets our message, not the guard's.
   const TripletInputs in =
       triplet_setup("triplet_margin_loss", dist, labels, ref_labels, mining, self_ref);
+  const c10::cuda::CUDAGuard guard(dist.device());
   const int64_t n = in.dist.size(0);
   TORCH_CHECK_VALUE(n <= INT32_MAX, "triplet_margin_loss: too many anchors, got ", n);
   const auto acc = in.dist.options().dtype(at::toOpMathType(dist.scalar_type()));
@@ -401,7 +402,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mine_cuda(const at::Tenso
                                                                  const at::Tensor& ref_labels,
                                                                  double margin, int64_t mining,
                                                                  bool self_ref) {
-  const c10::cuda::CUDAGuard guard(dist.device());
   return triplet_mine_impl(dist, labels, ref_labels, margin, mining, self_ref,
                            {&pair_counts_cuda, &fill_cuda, &hardest_cuda, &facenet_choices_cuda});
 }
