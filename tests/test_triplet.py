@@ -380,3 +380,12 @@ def test_refine_opcheck(device):
     close = squared < 0.5 * norms
     torch.library.opcheck(torch.ops.facekernels.pairwise_distance_refine.default,
                           (squared, close, z, z))
+
+
+def test_huge_fp32_norms_are_normalized_not_zeroed(device):
+    x, labels = make_batch(12, 8, 3, device, torch.float32)
+    for distance in DISTANCES:
+        want = facekernels.pairwise_distance(x, distance=distance)
+        got = facekernels.pairwise_distance(x * 1e20, distance=distance)
+        assert_close(got, want)
+        assert torch.equal(got, reference.pairwise_distance(x * 1e20, distance=distance))

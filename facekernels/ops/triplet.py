@@ -119,6 +119,14 @@ def _refine_backward(ctx, grad):
 torch.library.register_autograd("facekernels::pairwise_distance_refine", _refine_backward)
 
 
+def normalize_rows(x):
+    """F.normalize(x, dim=1), except that a finite row whose norm overflows the dtype (fp32:
+    from 1.8e19) is first divided by its largest entry rather than becoming zero."""
+    peak = x.abs().amax(1, keepdim=True)
+    overflow = torch.linalg.vector_norm(x, dim=1, keepdim=True).isinf() & peak.isfinite()
+    return F.normalize(x / torch.where(overflow, peak, 1.0), dim=1)  # x / 1 is x, bit for bit
+
+
 def pairwise_distance(x, ref=None, distance="euclidean", normalize_embeddings=True):
     """All-pairs [N, M] between the rows of x and ref (x itself when None), from one GEMM:
     |a|^2 + |b|^2 - 2 a.b, recomputed from differences where it cancels (see
@@ -136,8 +144,8 @@ def pairwise_distance(x, ref=None, distance="euclidean", normalize_embeddings=Tr
         check_device("pairwise_distance", "ref", ref, x)
     self_ref = ref is None
     if normalize_embeddings:
-        x = F.normalize(x, dim=1)
-        ref = x if self_ref else F.normalize(ref, dim=1)
+        x = normalize_rows(x)
+        ref = x if self_ref else normalize_rows(ref)
     elif self_ref:
         ref = x
     inner = x @ ref.t()

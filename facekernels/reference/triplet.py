@@ -44,8 +44,8 @@ def pairwise_distance(
     _check_choice("pairwise_distance", "distance", distance, _DISTANCES)
     self_ref = y is None
     if normalize_embeddings:
-        x = F.normalize(x, p=2.0, dim=1)
-        y = x if self_ref else F.normalize(y, p=2.0, dim=1)
+        x, y = _unit_rows(x), (None if self_ref else _unit_rows(y))
+        y = x if self_ref else y
     elif self_ref:
         y = x
     gram = x @ y.t()
@@ -69,6 +69,14 @@ def pairwise_distance(
     # A NaN distance stays NaN (squared * 0).
     positive = squared > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, squared, 1.0)), squared * 0)
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (F.normalize); a finite row whose norm overflows the
+    dtype is divided by its largest entry first, since direction does not depend on scale."""
+    largest = x.abs().amax(1, keepdim=True)
+    too_long = torch.linalg.vector_norm(x, dim=1, keepdim=True).isinf() & largest.isfinite()
+    return F.normalize(x / torch.where(too_long, largest, torch.ones_like(largest)), p=2.0, dim=1)
 
 
 def _dissimilarity(mat: torch.Tensor, distance: str) -> torch.Tensor:
