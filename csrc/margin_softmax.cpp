@@ -83,9 +83,40 @@ struct WeightChunk {
   at::Tensor rows, inverse, norms;
 };
 
-WeightChunk weight_chunk(const at::Tensor& weight, int64_t start, int64_t length,
+// The classes the op sees: the weight's rows, or weight[rows] (read chunk by chunk).
+struct Classes {
+  const at::Tensor& weight;
+  std::optional<at::Tensor> rows;
+
+  int64_t count() const { return rows ? rows->size(0) : weight.size(0); }
+  at::Tensor chunk(int64_t start, int64_t length) const {
+    return rows ? weight.index_select(0, rows->narrow(0, start, length))
+                : weight.narrow(0, start, length);
+  }
+};
+
+// rows: int64 on the weight's device, strictly increasing (so the weight gradient is written
+// by index_copy_, no accumulation), within [0, weight rows). Reads the values: one sync.
+Classes classes_of(const at::Tensor& weight, const std::optional<at::Tensor>& rows) {
+  if (!rows) {
+    return {weight, std::nullopt};
+  }
+  const at::Tensor& r = *rows;
+  TORCH_CHECK_TYPE(r.scalar_type() == at::kLong, kOp, ": rows must be int64, got ", r.scalar_type());
+  TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) > 0, kOp, ": rows must be a non-empty 1-D tensor, got ",
+                    r.sizes());
+  check_same_device(kOp, "rows", r, weight);
+  const at::Tensor c = r.contiguous();
+  TORCH_CHECK_VALUE(c.size(0) == 1 || c.diff().gt(0).all().item<bool>(), kOp,
+                    ": rows must be strictly increasing");
+  TORCH_CHECK_VALUE(c[0].item<int64_t>() >= 0 && c[-1].item<int64_t>() < weight.size(0), kOp,
+                    ": rows must lie in [0, ", weight.size(0), ")");
+  return {weight, c};
+}
+
+WeightChunk weight_chunk(const Classes& classes, int64_t start, int64_t length,
                          at::ScalarType dtype, const MarginOptions& options) {
-  const at::Tensor raw = weight.narrow(0, start, length);
+  const at::Tensor raw = classes.chunk(start, length);
   if (!options.normalize_weight) {
     return {raw.to(dtype), at::Tensor(), at::Tensor()};
   }
@@ -97,19 +128,21 @@ WeightChunk weight_chunk(const at::Tensor& weight, int64_t start, int64_t length
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
-    const MarginOptions& options, bool labels_in_range, ForwardEpilogue epilogue) {
+    const MarginOptions& options, bool labels_in_range, const std::optional<at::Tensor>& rows,
+    ForwardEpilogue epilogue) {
   // Dtypes are chosen here (GEMMs in the embeddings' dtype): autocast must not re-cast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, options);
+  const Classes classes = classes_of(weight, rows);
   if (labels_in_range) {
     // Here rather than in Python, so that a compiled graph checks too (one sync on a GPU).
-    check_labels(kOp, labels, embeddings.size(0), weight.size(0));
+    check_labels(kOp, labels, embeddings.size(0), classes.count());
   }
   const c10::DeviceGuard device(embeddings.device());
   const at::ScalarType dtype = embeddings.scalar_type();
-  const int64_t n = embeddings.size(0), num_classes = weight.size(0);
-  const Rows rows = prepare_rows(embeddings, options);
-  const auto acc = rows.scales.options();
+  const int64_t n = embeddings.size(0), num_classes = classes.count();
+  const Rows unit_rows = prepare_rows(embeddings, options);
+  const auto acc = unit_rows.scales.options();
   RowState state{at::full({n}, -std::numeric_limits<double>::infinity(), acc),
                  at::zeros({n}, acc), at::zeros({n}, acc),
                  at::full({n}, -std::numeric_limits<double>::infinity(), acc),
@@ -117,9 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
   const at::Tensor labels_c = labels.contiguous();
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
-    const WeightChunk chunk = weight_chunk(weight, start, length, dtype, options);
-    const at::Tensor z = at::matmul(rows.unit, chunk.rows.t()).contiguous();
-    epilogue(z, start, labels_c, rows.scales, options, state);
+    const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
+    const at::Tensor z = at::matmul(unit_rows.unit, chunk.rows.t()).contiguous();
+    epilogue(z, start, labels_c, unit_rows.scales, options, state);
   }
   return {state.row_max, state.row_sum.log(), state.target_logit, state.best_cosine,
           state.predicted};
@@ -129,14 +162,15 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, const MarginOptions& options, bool embeddings_grad,
-    bool weight_grad, BackwardEpilogue epilogue) {
+    bool weight_grad, const std::optional<at::Tensor>& rows, BackwardEpilogue epilogue) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, options);
+  const Classes classes = classes_of(weight, rows);
   const c10::DeviceGuard device(embeddings.device());
   const at::ScalarType dtype = embeddings.scalar_type();
-  const int64_t n = embeddings.size(0), num_classes = weight.size(0);
-  const Rows rows = prepare_rows(embeddings, options);
-  const auto acc = rows.scales.options();
+  const int64_t n = embeddings.size(0), num_classes = classes.count();
+  const Rows unit_rows = prepare_rows(embeddings, options);
+  const auto acc = unit_rows.scales.options();
   const auto check_row_vector = [&](const char* name, const at::Tensor& t) {
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, kOp, ": ", name, " must have shape [", n,
                       "], got ", t.sizes());
@@ -153,31 +187,38 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
 
   at::Tensor grad_unit = at::zeros({n, embeddings.size(1)}, acc);
   at::Tensor scale_grad = at::zeros({n}, acc);
-  at::Tensor grad_weight = weight_grad ? at::empty_like(weight, at::MemoryFormat::Contiguous)
-                                       : weight.new_empty({0, weight.size(1)});
+  // With rows, the rows not seen get a zero gradient.
+  at::Tensor grad_weight =
+      !weight_grad ? weight.new_empty({0, weight.size(1)})
+      : rows       ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
+                   : at::empty_like(weight, at::MemoryFormat::Contiguous);
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
-    const WeightChunk chunk = weight_chunk(weight, start, length, dtype, options);
-    at::Tensor dz = at::matmul(rows.unit, chunk.rows.t()).contiguous();
-    epilogue(dz, start, labels_c, rows.scales, row_max_c, log_sum_c, grad_log_sum_c,
+    const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
+    at::Tensor dz = at::matmul(unit_rows.unit, chunk.rows.t()).contiguous();
+    epilogue(dz, start, labels_c, unit_rows.scales, row_max_c, log_sum_c, grad_log_sum_c,
              grad_target_c, options, scale_grad);
     if (embeddings_grad) {
       grad_unit.add_(at::matmul(dz, chunk.rows));
     }
     if (weight_grad) {
-      const at::Tensor grad_rows = at::matmul(dz.t(), rows.unit).to(acc.dtype());
-      grad_weight.narrow(0, start, length)
-          .copy_(options.normalize_weight
-                     ? normalize_backward(grad_rows, chunk.rows.to(acc.dtype()), chunk.inverse,
-                                          chunk.norms)
-                     : grad_rows);
+      const at::Tensor grad_rows = at::matmul(dz.t(), unit_rows.unit).to(acc.dtype());
+      const at::Tensor grad = options.normalize_weight
+                                  ? normalize_backward(grad_rows, chunk.rows.to(acc.dtype()),
+                                                       chunk.inverse, chunk.norms)
+                                  : grad_rows;
+      if (classes.rows) {
+        grad_weight.index_copy_(0, classes.rows->narrow(0, start, length), grad.to(grad_weight.scalar_type()));
+      } else {
+        grad_weight.narrow(0, start, length).copy_(grad);
+      }
     }
   }
   if (!embeddings_grad) {
     return {embeddings.new_empty({0, embeddings.size(1)}), grad_weight};
   }
-  const at::Tensor unit = rows.unit.to(acc.dtype());
-  at::Tensor grad_embeddings = normalize_backward(grad_unit, unit, rows.inverse, rows.norms);
+  const at::Tensor unit = unit_rows.unit.to(acc.dtype());
+  at::Tensor grad_embeddings = normalize_backward(grad_unit, unit, unit_rows.inverse, unit_rows.norms);
   if (!options.normalize_embeddings) {
     // s_i = scale |x_i| also depends on x_i: d|x_i|/dx_i is the unit direction.
     grad_embeddings.add_(unit * (scale_grad * options.scale).unsqueeze(1));

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "common/reductions.h"
@@ -178,14 +179,15 @@ using BackwardEpilogue = void (*)(at::Tensor& z, int64_t class_start, const at::
 // loss is log_sum + (row_max - target_logit), which keeps a small loss accurate.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
-    const MarginOptions& options, bool labels_in_range, ForwardEpilogue epilogue);
+    const MarginOptions& options, bool labels_in_range, const std::optional<at::Tensor>& rows,
+    ForwardEpilogue epilogue);
 
 // Returns (grad_embeddings, grad_weight); an unwanted one is not computed and is [0, D].
 std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, const MarginOptions& options, bool embeddings_grad,
-    bool weight_grad, BackwardEpilogue epilogue);
+    bool weight_grad, const std::optional<at::Tensor>& rows, BackwardEpilogue epilogue);
 
 // The ops' entry points (schemas in facekernels.cpp); each device registers them with its
 // own epilogue.
@@ -194,12 +196,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     double scale, double m1, double m2, double m3, double lambda, int64_t kind,
     bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size,
-    bool labels_in_range) {
+    bool labels_in_range, const std::optional<at::Tensor>& rows) {
   return margin_softmax_forward_impl(
       embeddings, weight, labels,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
        chunk_size},
-      labels_in_range, epilogue);
+      labels_in_range, rows, epilogue);
 }
 
 template <BackwardEpilogue epilogue>
@@ -208,12 +210,13 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward(
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, double scale, double m1, double m2, double m3, double lambda,
     int64_t kind, bool exact_gradient, bool normalize_embeddings, bool normalize_weight,
-    int64_t chunk_size, bool embeddings_grad, bool weight_grad) {
+    int64_t chunk_size, bool embeddings_grad, bool weight_grad,
+    const std::optional<at::Tensor>& rows) {
   return margin_softmax_backward_impl(
       grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
        chunk_size},
-      embeddings_grad, weight_grad, epilogue);
+      embeddings_grad, weight_grad, rows, epilogue);
 }
 
 }  // namespace facekernels

@@ -379,3 +379,60 @@ def test_op_checks_its_inputs_too():
         torch.ops.facekernels.margin_softmax_forward(
             x, w, y, 64.0, 1.0, 0.5, 0.0, 0.0, 0, True, True, True, 0
         )
+
+
+def sampled_rows_call(x, w, y, rows, **kw):
+    from facekernels.ops.margin_softmax import margin_softmax_rows
+    options = dict(kind=0, scale=16.0, m1=1.0, m2=0.5, m3=0.0, sphere_lambda=0.0, gradient="exact",
+                   normalize_embeddings=True, normalize_weight=True, chunk_size=4)
+    options.update(kw)
+    row_max, log_sum, target, predicted = margin_softmax_rows(x, w, y, rows=rows, **options)
+    return log_sum + (row_max - target), predicted
+
+
+def test_rows_read_a_subset_of_the_weight_without_a_copy(device):
+    # PartialFC's sampled classes: the op on (weight, rows) equals the op on weight[rows];
+    # the weight gradient is that gradient scattered to rows, zero elsewhere.
+    x, w, _ = make_batch(10, 8, 30, device, torch.float64)
+    rows = torch.tensor([1, 4, 5, 9, 13, 20, 21, 29], device=device)
+    y = torch.tensor([0, 7, 3, 3, 1, 6, 2, 5, 4, 0], device=device)
+    x.requires_grad_(), w.requires_grad_()
+    loss, predicted = sampled_rows_call(x, w, y, rows)
+    gx, gw = torch.autograd.grad(loss.sum(), (x, w))
+    sub = w.detach()[rows].requires_grad_()
+    x2 = x.detach().requires_grad_()
+    want, want_predicted = sampled_rows_call(x2, sub, y, None)
+    wx, wsub = torch.autograd.grad(want.sum(), (x2, sub))
+    assert_close(loss, want)
+    assert torch.equal(predicted, want_predicted)
+    assert_close(gx, wx)
+    assert_close(gw[rows], wsub)
+    untouched = torch.ones(30, dtype=torch.bool, device=device)
+    untouched[rows] = False
+    assert torch.equal(gw[untouched], torch.zeros_like(gw[untouched]))
+    expected = reference.margin_softmax_loss(x.detach(), w.detach()[rows], y, scale=16.0, m2=0.5, reduction="none")
+    assert_close(loss.detach(), expected)
+
+
+@pytest.mark.parametrize("rows, message", [
+    (torch.tensor([3, 1]), "rows must be strictly increasing"),
+    (torch.tensor([1, 1]), "rows must be strictly increasing"),
+    (torch.tensor([0, 30]), r"rows must lie in \[0, 30\)"),
+    (torch.tensor([-1, 2]), r"rows must lie in \[0, 30\)"),
+    (torch.tensor([1.0, 2.0]), "rows must be int64"),
+])
+def test_bad_rows_are_errors(rows, message):
+    x, w, _ = make_batch(4, 8, 30, "cpu")
+    with pytest.raises((ValueError, TypeError), match=message):
+        sampled_rows_call(x, w, torch.zeros(4, dtype=torch.long), rows)
+
+
+def test_rows_opcheck(device):
+    x, w, y = make_batch(9, 8, 5, device)
+    rows = torch.tensor([0, 3, 4, 7, 11], device=device)
+    w = torch.cat([w, w, w])  # 15 rows, 5 of them seen
+    options = (64.0, 1.0, 0.5, 0.0, 0.0, 0, True, True, True, 2)
+    torch.library.opcheck(
+        torch.ops.facekernels.margin_softmax_forward.default,
+        (x.requires_grad_(), w.requires_grad_(), y, *options, True, rows),
+    )

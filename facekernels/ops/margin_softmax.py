@@ -61,7 +61,7 @@ def _(embeddings, weight, labels, *options):
 @torch.library.register_fake("facekernels::margin_softmax_backward")
 def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, scale, m1, m2,
       m3, sphere_lambda, margin_kind, exact_gradient, normalize_embeddings, normalize_weight,
-      chunk_size, embeddings_grad=True, weight_grad=True):
+      chunk_size, embeddings_grad=True, weight_grad=True, rows=None):
     def gradient(t, wanted):
         shape = t.shape if wanted else (0, t.shape[1])
         return t.new_empty(shape)
@@ -70,16 +70,16 @@ def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, s
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels, *options, _labels_in_range = inputs  # the backward's options
+    embeddings, weight, labels, *options, _labels_in_range, rows = inputs  # the backward's options
     row_max, log_sum, _, best_cosine, predicted = output
-    ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum)
+    ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, rows)
     ctx.options = options
     # row_max only shifts log_sum; the loss log_sum + row_max - target does not depend on it.
     ctx.mark_non_differentiable(row_max, best_cosine, predicted)
 
 
 def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicted):
-    embeddings, weight, labels, row_max, log_sum = ctx.saved_tensors
+    embeddings, weight, labels, row_max, log_sum, rows = ctx.saved_tensors
     if grad_log_sum is None:
         grad_log_sum = torch.zeros_like(log_sum)
     if grad_target is None:
@@ -87,12 +87,12 @@ def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicte
     embeddings_grad, weight_grad = ctx.needs_input_grad[:2]
     grad_embeddings, grad_weight = torch.ops.facekernels.margin_softmax_backward(
         grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *ctx.options,
-        embeddings_grad=embeddings_grad, weight_grad=weight_grad,
+        embeddings_grad=embeddings_grad, weight_grad=weight_grad, rows=rows,
     )
     return (
         grad_embeddings if ctx.needs_input_grad[0] else None,
         grad_weight if ctx.needs_input_grad[1] else None,
-        *([None] * (1 + len(ctx.options))),
+        *([None] * (3 + len(ctx.options))),
     )
 
 
@@ -101,27 +101,16 @@ torch.library.register_autograd(
 )
 
 
-def fused_margin_loss(
-    embeddings,
-    weight,
-    labels,
-    *,
-    kind,
-    scale,
-    m1,
-    m2,
-    m3,
-    sphere_lambda,
-    gradient,
-    normalize_embeddings,
-    normalize_weight,
-    reduction,
-    chunk_size,
-    return_predictions,
-):
-    """The common path of every margin-softmax flavour; see margin_softmax_loss."""
+def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, sphere_lambda,
+                        gradient, normalize_embeddings, normalize_weight, chunk_size,
+                        labels_in_range=True, rows=None):
+    """Per row (row_max, log_sum, target_logit, predicted) of the fused op: the softmax's
+    log-sum-exp is row_max + log_sum, and the loss log_sum + (row_max - target_logit). A
+    class shard (distributed.PartialFC) passes labels_in_range=False (labels outside
+    [0, C) are other shards' classes: target 0) and, when it samples classes, their sorted
+    indices as rows (labels then index rows)."""
     _check_tensors(embeddings, weight, labels)
-    check_modes(reduction, gradient)
+    check_choice(_OP, "gradient", gradient, _GRADIENTS)
     if chunk_size is None:
         chunk_size = default_chunk_size(embeddings.shape[0], embeddings.device)
     else:
@@ -146,7 +135,16 @@ def fused_margin_loss(
         bool(normalize_embeddings),
         bool(normalize_weight),
         chunk_size,
+        labels_in_range,
+        rows,
     )
+    return row_max, log_sum, target_logit, predicted
+
+
+def fused_margin_loss(embeddings, weight, labels, *, reduction, return_predictions, **options):
+    """The common path of every margin-softmax flavour; see margin_softmax_loss."""
+    check_modes(reduction, options["gradient"])
+    row_max, log_sum, target_logit, predicted = margin_softmax_rows(embeddings, weight, labels, **options)
     # The target is usually the largest logit: subtracting it from the max first keeps a
     # small loss accurate (lse - target would cancel two large numbers).
     loss = log_sum + (row_max - target_logit)
