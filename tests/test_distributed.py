@@ -1,0 +1,186 @@
+"""PartialFC on gloo process groups spawned on the CPU (world sizes 1-3, class counts not
+divisible by the world size), against one process holding the whole batch and weight."""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import facekernels
+from facekernels.distributed import PartialFC, gather_weight, load_full_weight
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+B, D, C = 4, 6, 11  # local batch, width, classes (not divisible by 2 or 3)
+MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.35), "combined": (1.0, 0.2, 0.1)}
+
+
+class Margin:
+    """insightface's CombinedMarginLoss as PartialFC reads it: attributes s, m1, m2, m3."""
+
+    def __init__(self, m1, m2, m3, s=16.0, interclass_filtering_threshold=0.0):
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+
+
+def global_batch(world, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(world * B, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (world * B,), generator=g)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64)
+    return x, y, w
+
+
+def single_process(x, w, y, margins, gradient, classes=None):
+    """Loss and gradients of the whole batch on one weight (classes: a subset of rows)."""
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    weight, labels = w, y
+    if classes is not None:
+        weight, labels = w[classes], torch.searchsorted(classes, y)
+    m1, m2, m3 = margins
+    loss = facekernels.margin_softmax_loss(x, weight, labels, scale=16.0, m1=m1, m2=m2, m3=m3,
+                                           gradient=gradient)
+    return (loss.detach(), *torch.autograd.grad(loss, (x, w)))
+
+
+def local(tensor, rank):
+    return tensor[rank * B:(rank + 1) * B]
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def worker(rank, world, init, task, args):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        task(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(world, task, *args, tmp_path, timeout=90):
+    """Runs task(rank, world, *args) on `world` spawned ranks; fails on an error in any rank
+    or when they have not all finished within `timeout` seconds (a hang)."""
+    init = f"file://{tmp_path}/init-{world}-{task.__name__}-{time.monotonic_ns()}"
+    context = mp.start_processes(worker, args=(world, init, task, args), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{task.__name__} on {world} ranks did not finish in {timeout} s (a hang)")
+
+
+def parity(rank, world):
+    x, y, w = global_batch(world)
+    for name, margins in MARGINS.items():
+        for gradient in ("detached", "exact"):
+            head = PartialFC(Margin(*margins), D, C, gradient=gradient).double()
+            load_full_weight(head, w)
+            mine = local(x, rank).clone().requires_grad_()
+            loss = head(mine, local(y, rank))
+            loss.backward()
+            want, gx, gw = single_process(x, w, y, margins, gradient)
+            close(loss.detach(), want)
+            close(mine.grad, world * local(gx, rank))  # DDP's averaging divides by world
+            close(head.weight.grad, gw[head.class_start:head.class_start + head.num_local])
+    # fp32: the same, to 1e-5.
+    head = PartialFC(facekernels.ArcFaceLoss(C, D, margin=0.5, scale=16.0), D, C)
+    load_full_weight(head, w.float())
+    loss = head(local(x, rank).float(), local(y, rank))
+    torch.testing.assert_close(loss.double(), single_process(x, w, y, MARGINS["arcface"], "detached")[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def sampling(rank, world):
+    x, y, w = global_batch(world, seed=1)
+    head = PartialFC(Margin(*MARGINS["arcface"]), D, C, sample_rate=0.5,
+                     generator=torch.Generator().manual_seed(rank)).double()
+    load_full_weight(head, w)
+    mine = local(x, rank).clone().requires_grad_()
+    loss = head(mine, local(y, rank))
+    loss.backward()
+    rows = head.weight_index
+    shard = (y >= head.class_start) & (y < head.class_start + head.num_local)
+    positives = torch.unique(y[shard]) - head.class_start
+    assert set(positives.tolist()) <= set(rows.tolist())
+    assert len(rows) == max(head.num_sample, len(positives)) and torch.equal(rows, rows.sort().values)
+    # The union of every rank's sampled classes, in global numbering.
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(rows)]))
+    padded = torch.full((C,), -1, dtype=torch.int64)
+    padded[:len(rows)] = rows + head.class_start
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    classes = torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
+    want, gx, gw = single_process(x, w, y, MARGINS["arcface"], "detached", classes=classes)
+    close(loss.detach(), want)
+    close(mine.grad, world * local(gx, rank))
+    close(head.weight.grad, gw[head.class_start:head.class_start + head.num_local])
+    untouched = torch.ones(head.num_local, dtype=torch.bool)
+    untouched[rows] = False
+    assert not head.weight.grad[untouched].any()
+
+
+def save_checkpoint(rank, world, path):
+    x, y, w = global_batch(world=2, seed=2)  # the batch the resumed run will see
+    head = PartialFC(Margin(*MARGINS["cosface"]), D, C).double()
+    load_full_weight(head, w * 0.5 + 1)  # "trained" weights
+    full = gather_weight(head)
+    if rank == 0:
+        torch.save(full, path)
+    else:
+        assert full is None
+
+
+def resume_checkpoint(rank, world, path):
+    x, y, w = global_batch(world=2, seed=2)
+    head = PartialFC(Margin(*MARGINS["cosface"]), D, C).double()
+    load_full_weight(head, torch.load(path))
+    loss = head(local(x, rank), local(y, rank))
+    close(loss, single_process(x, w * 0.5 + 1, y, MARGINS["cosface"], "detached")[0])
+
+
+def bad_input_on_one_rank(rank, world):
+    x, y, w = global_batch(world)
+    head = PartialFC(Margin(*MARGINS["arcface"]), D, C).double()
+    labels = local(y, rank).clone()
+    if rank == world - 1:
+        labels[0] = C  # out of range on the last rank only
+    with pytest.raises(ValueError, match=r"local_labels must lie in \[0, 11\)|another rank was rejected"):
+        head(local(x, rank), labels)
+    batch = B if rank else B - 1  # unequal local batch sizes
+    with pytest.raises(ValueError, match="local batch sizes differ"):
+        head(local(x, rank)[:batch], local(y, rank)[:batch])
+    assert head(local(x, rank), local(y, rank)).isfinite()  # still usable: nobody hung
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_loss_and_gradients_equal_one_process(world, tmp_path):
+    run(world, parity, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sampled_classes(world, tmp_path):
+    run(world, sampling, tmp_path=tmp_path)
+
+
+def test_checkpoint_saved_at_three_ranks_resumes_at_two(tmp_path):
+    path = tmp_path / "full_weight.pt"
+    run(3, save_checkpoint, str(path), tmp_path=tmp_path)
+    run(2, resume_checkpoint, str(path), tmp_path=tmp_path)
+
+
+def test_a_bad_label_on_one_rank_raises_on_every_rank(tmp_path):
+    run(3, bad_input_on_one_rank, tmp_path=tmp_path)
+
+
+def test_clear_errors_without_a_process_group():
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        PartialFC(Margin(*MARGINS["arcface"]), D, C)
