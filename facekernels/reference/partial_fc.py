@@ -1,0 +1,105 @@
+"""insightface's PartialFC_V2 forward (recognition/arcface_torch/partial_fc_v2.py with its
+CombinedMarginLoss, losses.py), transcribed with dense logits: the oracle for
+facekernels.distributed.PartialFC. sample_rate 1 (every class of the shard)."""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather; backward: this rank's rows of the summed gradient, times the world size."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        world = dist.get_world_size(ctx.group)
+        return grad.chunk(world)[dist.get_rank(ctx.group)] * world, None
+
+
+class _DistributedCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of logits split by classes across ranks (labels -1: another
+    rank's class); the target probability is clamped at 1e-30, as insightface does."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group):
+        top = logits.max(dim=1, keepdim=True).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        probs = (logits - top).exp()
+        total = probs.sum(dim=1, keepdim=True)
+        dist.all_reduce(total, group=group)
+        probs = probs / total
+        here = labels != -1
+        target = torch.zeros(len(labels), 1, dtype=logits.dtype, device=logits.device)
+        target[here] = probs[here].gather(1, labels[here, None])
+        dist.all_reduce(target, group=group)
+        ctx.save_for_backward(probs, labels)
+        return -target.clamp_min(1e-30).log().mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, labels = ctx.saved_tensors
+        here = labels != -1
+        grad_logits = probs.clone()
+        grad_logits[here.nonzero().squeeze(1), labels[here]] -= 1
+        return grad_logits * grad / len(labels), None, None
+
+
+def _combined_margin(cos, labels, s, m1, m2, m3):
+    """insightface's CombinedMarginLoss: ArcFace (m1 = 1, m3 = 0) adds m2 to the target
+    angle without a gradient through the margin and without a fallback past pi; otherwise
+    m3 > 0 subtracts m3 (m2 is then ignored); anything else is refused, as there."""
+    here = (labels != -1).nonzero().squeeze(1)
+    logits = cos.clone()
+    if m1 == 1.0 and m3 == 0.0:
+        with torch.no_grad():
+            angle = logits[here, labels[here]].arccos()
+            shift = torch.cos(angle + m2) - logits[here, labels[here]]
+        logits = logits.index_put((here, labels[here]), logits[here, labels[here]] + shift)
+    elif m3 > 0:
+        logits = logits.index_put((here, labels[here]), logits[here, labels[here]] - m3)
+    else:
+        raise ValueError("insightface's CombinedMarginLoss supports ArcFace (m1=1, m3=0) or m3 > 0")
+    return logits * s
+
+
+def partial_fc_v2_loss(
+    local_embeddings: torch.Tensor,
+    local_labels: torch.Tensor,
+    weight: torch.Tensor,
+    class_start: int,
+    *,
+    s: float,
+    m1: float,
+    m2: float,
+    m3: float,
+    group: Optional[dist.ProcessGroup] = None,
+) -> torch.Tensor:
+    r"""The loss of PartialFC_V2 on this rank's shard ``weight`` = classes
+    ``[class_start, class_start + len(weight))``: embeddings and labels are all-gathered,
+    ``logits = clamp(<x/|x|, w/|w|>, -1, 1)`` of the global batch against the shard, the
+    combined margin on the target, and the cross entropy finished across ranks (the mean
+    over the global batch). The local embeddings' gradient carries the world-size factor of
+    insightface's AllGather.
+
+    An, Zhu, Xiao, Deng et al. 2022, "Killing Two Birds with One Stone: Efficient and
+    Robust Training of Face Recognition CNNs by Partial FC"; Deng et al. 2019, "ArcFace".
+    """
+    embeddings = _GatherRows.apply(local_embeddings, group)
+    parts = [torch.empty_like(local_labels) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local_labels.contiguous(), group=group)
+    labels = torch.cat(parts) - class_start
+    labels = torch.where((labels >= 0) & (labels < weight.shape[0]), labels, -1)
+    cos = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
+    return _DistributedCrossEntropy.apply(_combined_margin(cos, labels, s, m1, m2, m3), labels, group)
+
