@@ -1,7 +1,11 @@
 """PartialFC on gloo process groups spawned on the CPU (world sizes 1-3, class counts not
 divisible by the world size), against one process holding the whole batch and weight."""
 
+import json
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -211,3 +215,33 @@ def test_a_bad_label_on_one_rank_raises_on_every_rank(tmp_path):
 def test_clear_errors_without_a_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         PartialFC(Margin(*MARGINS["arcface"]), D, C)
+
+
+def test_trainer_under_torchrun(tmp_path):
+    """Two ranks (gloo): DDP backbone, PartialFC head, both impls; rank 0 reports."""
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "facekernels.train",
+               "--distributed", "--loss", "cosface", "--epochs", "1", "--report", str(report)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert result["world_size"] == 2 and "2 ranks" in done.stdout
+    assert result["parity_fp64"]["max_rel_loss_diff"] < 1e-12
+    assert result["parity_fp64"]["max_rel_grad_diff"] < 1e-12
+    assert result["parity"]["max_rel_loss_diff"] < 1e-5
+
+
+def test_trainer_distributed_needs_torchrun():
+    done = subprocess.run([sys.executable, "-m", "facekernels.train", "--distributed"],
+                          capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "facekernels-train: error: --distributed: launch with torchrun (WORLD_SIZE and RANK are not set)"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -185,6 +185,10 @@ class PartialFC(nn.Module):
         return rows, remapped
 
     def forward(self, local_embeddings, local_labels):
+        return self.loss(local_embeddings, local_labels, self.weight)
+
+    def loss(self, local_embeddings, local_labels, weight):
+        """This head's loss over a given weight shard (forward passes .weight)."""
         self._agree(local_embeddings, local_labels)
         embeddings = _AllGather.apply(local_embeddings, self.group)
         labels = local_labels.reshape(-1).to(self.weight.device, torch.int64)
@@ -198,7 +202,7 @@ class PartialFC(nn.Module):
             self.weight_index = rows
         with torch.autocast(self.weight.device.type, dtype=torch.float16, enabled=self.fp16):
             row_max, log_sum, target, _ = margin_softmax_rows(
-                embeddings, self.weight, labels, kind=0, scale=self.scale, m1=self.m1, m2=self.m2,
+                embeddings, weight, labels, kind=0, scale=self.scale, m1=self.m1, m2=self.m2,
                 m3=self.m3, sphere_lambda=0.0, gradient=self.gradient, normalize_embeddings=True,
                 normalize_weight=True, chunk_size=None, labels_in_range=False, rows=rows)
         return _ShardedSoftmax.apply(row_max, log_sum, target, self.group)

@@ -2,18 +2,21 @@
 facekernels, side by side, and report parity, speed and face-verification accuracy."""
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from facekernels.train import baselines
 from facekernels.train.data import image_folder, open_set_split, synthetic_faces
 from facekernels.train.loop import Config, initial_state, train, verification_pairs
-from facekernels.train.objectives import IMPLS, LOSSES, MINING, training_defaults
+from facekernels.train.objectives import DISTRIBUTED_MARGINS, IMPLS, LOSSES, MINING, training_defaults
 
 
 class Parser(argparse.ArgumentParser):
@@ -92,6 +95,9 @@ def parse_args(argv):
                    default=defaults.seed)  # the range torch.manual_seed takes
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--amp", choices=("none", "bf16"), default="none")
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun: the backbone in DDP, a class-sharded PartialFC head "
+                        "(arcface, cosface), each rank a share of every batch; rank 0 reports")
     p.add_argument("--report", metavar="FILE.json")
     p.add_argument("--plot", metavar="FILE.png")
     args = p.parse_args(argv)
@@ -105,6 +111,15 @@ def parse_args(argv):
     if args.batch_size < 2 * args.per_person or args.batch_size % args.per_person:
         p.error(f"--batch-size must be a multiple of {args.per_person}, at least {2 * args.per_person}, "
                 f"got {args.batch_size}")
+    if args.distributed:
+        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+            p.error("--distributed: launch with torchrun (WORLD_SIZE and RANK are not set)")
+        if args.loss not in DISTRIBUTED_MARGINS:
+            p.error(f"--distributed trains --loss {' or '.join(DISTRIBUTED_MARGINS)}, got --loss {args.loss}")
+        world = int(os.environ["WORLD_SIZE"])
+        if args.batch_size % (world * args.per_person):
+            p.error(f"--distributed: --batch-size must be a multiple of {world * args.per_person} "
+                    f"(world size {world} x {args.per_person} photos per person), got {args.batch_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     for option, path in (("--report", args.report), ("--plot", args.plot)):
@@ -162,6 +177,21 @@ def run(argv):
     returns the report. Every input is checked before the first training step: a bad one
     exits with status 2 and one line on stderr."""
     parser, args = parse_args(argv)
+    if args.distributed:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # Every rank trains; rank 0 alone speaks and writes.
+    quiet = args.distributed and dist.get_rank() != 0
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            return _run(parser, args, write=not quiet)
+    finally:
+        if args.distributed:
+            dist.destroy_process_group()
+
+
+def _run(parser, args, write):
     try:
         faces = image_folder(args.data) if args.data is not None else synthetic_faces(seed=args.seed)
         train_set, held_out = open_set_split(faces, args.holdout, args.seed)
@@ -171,11 +201,12 @@ def run(argv):
     config = Config(loss=args.loss, mining=args.mining, embedding_size=args.embedding_size,
                     epochs=args.epochs, people_per_batch=args.batch_size // args.per_person,
                     per_person=args.per_person, lr=args.lr, weight_decay=args.weight_decay,
-                    seed=args.seed, device=args.device, amp=args.amp)
+                    seed=args.seed, device=args.device, amp=args.amp, distributed=args.distributed)
     config.people_per_batch = min(config.people_per_batch, train_set.num_people)
     source = "built-in synthetic faces" if args.data is None else args.data
     print(f"data: {source}: {faces.num_people} people, {len(faces.labels)} photos; "
-          f"training on {train_set.num_people} people, verifying on {held_out.num_people} held-out people")
+          f"training on {train_set.num_people} people, verifying on {held_out.num_people} held-out people"
+          + (f"; {dist.get_world_size()} ranks" if args.distributed else ""))
 
     state = initial_state(config, train_set.num_people)
     impls = IMPLS if args.impl == "both" else (args.impl,)
@@ -185,6 +216,7 @@ def run(argv):
         "loss": args.loss if args.loss != "triplet" else f"triplet ({args.mining})",
         "data": source,
         "config": dataclasses.asdict(config),
+        "world_size": dist.get_world_size() if args.distributed else 1,
         "impls": {impl: run.to_json() for impl, run in runs.items()},
         "baselines": {"raw_pixels": baselines.raw_pixels(held_out, pairs),
                       "eigenfaces": baselines.eigenfaces(train_set, held_out, pairs)},
@@ -208,6 +240,8 @@ def run(argv):
     if "speedup" in report:
         print(f"speed-up of a whole training step: {report['speedup']:.2f}x; "
               f"of the loss forward + backward alone: {report['loss_speedup']:.2f}x")
+    if not write:
+        return report
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)

@@ -5,6 +5,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from facekernels.eval import make_pairs, pair_scores, roc_curve, verification_report
@@ -29,6 +31,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     amp: str = "none"
+    distributed: bool = False  # under torchrun: DDP backbone, PartialFC head, batches split
 
 
 @dataclass
@@ -81,7 +84,8 @@ def initial_state(config, num_classes):
     """Model and loss parameters both runs start from."""
     torch.manual_seed(config.seed)
     model = EmbeddingNet(config.embedding_size)
-    objective = Objective(config.loss, num_classes, config.embedding_size, config.mining)
+    objective = Objective(config.loss, num_classes, config.embedding_size, config.mining,
+                          config.distributed)
     return model.state_dict(), objective.state_dict()
 
 
@@ -118,9 +122,13 @@ def train(config, train_set, held_out, impl, state, parity=False):
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     model = EmbeddingNet(config.embedding_size).to(device)
-    objective = Objective(config.loss, train_set.num_people, config.embedding_size, config.mining).to(device)
+    objective = Objective(config.loss, train_set.num_people, config.embedding_size, config.mining,
+                          config.distributed).to(device)
     model.load_state_dict(state[0])
     objective.load_state_dict(state[1])
+    rank, world = (dist.get_rank(), dist.get_world_size()) if config.distributed else (0, 1)
+    if config.distributed:  # the backbone's gradients are averaged over ranks
+        model = nn.parallel.DistributedDataParallel(model)
     params = list(model.parameters()) + list(objective.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = sum(1 for _ in identity_batches(
@@ -137,12 +145,13 @@ def train(config, train_set, held_out, impl, state, parity=False):
                        parity_fp64=Parity() if parity else None)
     step_seconds = loss_seconds = 0.0
     reset_peak(device)
-    bar = tqdm(total=total, desc=f"{config.loss} [{impl}]", disable=None)  # off without a terminal
+    bar = tqdm(total=total, desc=f"{config.loss} [{impl}]", disable=None if rank == 0 else True)
     model.train()
     objective.train()
     for _ in range(config.epochs):
         for batch in identity_batches(labels, config.people_per_batch, config.per_person, generator):
-            x = augment(images[batch], generator).to(device)
+            x = augment(images[batch], generator)[rank::world].to(device)  # this rank's share
+            batch = batch[rank::world]
             y = labels[batch].to(device)
             _sync(device)
             start = time.perf_counter()
@@ -184,7 +193,8 @@ def train(config, train_set, held_out, impl, state, parity=False):
     result.peak_mem_mb = peak_bytes(device) / 2**20
     result.step_ms = 1e3 * step_seconds / total
     result.loss_ms = 1e3 * loss_seconds / total
-    result.verification, result.roc = evaluate(model, held_out, device, config.seed)
+    backbone = model.module if config.distributed else model
+    result.verification, result.roc = evaluate(backbone, held_out, device, config.seed)
     return result
 
 

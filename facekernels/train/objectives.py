@@ -1,11 +1,14 @@
 """The trainer's losses, each runnable two ways on the same parameters: through facekernels'
 fused modules or through the pure-PyTorch reference functions."""
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
 import facekernels
 from facekernels import reference
+from facekernels.distributed import PartialFC
 from facekernels.losses import ring_loss
 
 LOSSES = ("softmax", "l2softmax", "ring", "center", "sphereface", "cosface", "arcface",
@@ -13,6 +16,8 @@ LOSSES = ("softmax", "l2softmax", "ring", "center", "sphereface", "cosface", "ar
 MINING = ("all", "semihard", "hard", "batch_hard", "facenet")
 IMPLS = ("reference", "facekernels")
 
+# The class-sharded head under --distributed: (s, m1, m2, m3).
+DISTRIBUTED_MARGINS = {"arcface": (16.0, 1.0, 0.5, 0.0), "cosface": (16.0, 1.0, 0.0, 0.35)}
 CENTER_WEIGHT = 0.003  # lambda of softmax + lambda * center loss (Wen et al. use 0.003-0.01)
 MARGIN_SCALE = 16.0  # s for the margin losses: 64 is tuned for millions of faces, not 30 people
 
@@ -38,14 +43,21 @@ class Objective(nn.Module):
         stand-ins for the parameters (see tensors()), free of side effects, for parity.
     """
 
-    def __init__(self, loss, num_classes, embedding_size, mining="all"):
+    def __init__(self, loss, num_classes, embedding_size, mining="all", distributed=False):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"--loss must be one of {LOSSES}, got {loss!r}")
         if mining not in MINING:
             raise ValueError(f"--mining must be one of {MINING}, got {mining!r}")
-        self.loss, self.mining = loss, mining
+        self.loss, self.mining, self.distributed = loss, mining, distributed
         c, d = num_classes, embedding_size
+        if distributed:
+            if loss not in DISTRIBUTED_MARGINS:
+                raise ValueError(f"--distributed trains {tuple(DISTRIBUTED_MARGINS)}, got --loss {loss}")
+            # insightface's semantics, so that the reference is its PartialFC_V2.
+            s, m1, m2, m3 = DISTRIBUTED_MARGINS[loss]
+            self.head = PartialFC(SimpleNamespace(s=s, m1=m1, m2=m2, m3=m3), d, c, gradient="detached")
+            return
         heads = {
             "softmax": lambda: facekernels.SoftmaxLoss(c, d),
             "l2softmax": lambda: facekernels.L2SoftmaxLoss(c, d, alpha=16.0),
@@ -93,13 +105,13 @@ class Objective(nn.Module):
         if self.training and self.loss == "sphereface":
             self.head.iteration += 1
         predicted = None
-        if "weight" in tensors:
+        if "weight" in tensors and not self.distributed:  # a shard cannot classify alone
             with torch.no_grad():
                 predicted = self.head.get_logits(embeddings).argmax(1)
         return loss, predicted
 
     def _fused(self, embeddings, labels):
-        if self.loss in ("contrastive", "triplet"):
+        if self.distributed or self.loss in ("contrastive", "triplet"):
             return self.head(embeddings, labels), None
         loss, predicted = self.head(embeddings, labels, return_predictions=True)
         if self.loss == "ring":
@@ -114,6 +126,8 @@ class Objective(nn.Module):
         if self.loss in ("contrastive", "triplet"):
             return self.head(e, y)
         loss = self.head.loss(e, y, tensors["weight"])
+        if self.distributed:
+            return loss
         if self.loss == "ring":
             loss = loss + ring_loss(e, tensors["radius"], self.ring.loss_weight)
         if self.loss == "center":
@@ -123,6 +137,9 @@ class Objective(nn.Module):
     def reference_loss(self, e, y, tensors):
         w = tensors.get("weight")
         head = self.head
+        if self.distributed:
+            return reference.partial_fc_v2_loss(e, y, w, head.class_start, s=head.scale, m1=head.m1,
+                                                m2=head.m2, m3=head.m3)
         if self.loss in ("softmax", "ring", "center"):
             loss = reference.softmax_cross_entropy(e, w, y)
             if self.loss == "ring":
