@@ -138,6 +138,7 @@ def save_checkpoint(rank, world, path):
     head = PartialFC(Margin(*MARGINS["cosface"]), D, C).double()
     load_full_weight(head, w * 0.5 + 1)  # "trained" weights
     full = gather_weight(head)
+    torch.save(head.state_dict(), f"{path}.rank{rank}")  # a shard and its class range
     if rank == 0:
         torch.save(full, path)
     else:
@@ -147,6 +148,9 @@ def save_checkpoint(rank, world, path):
 def resume_checkpoint(rank, world, path):
     x, y, w = global_batch(world=2, seed=2)
     head = PartialFC(Margin(*MARGINS["cosface"]), D, C).double()
+    shard = torch.load(f"{path}.rank{rank + 1}")  # another class range: refused
+    with pytest.raises(ValueError, match="gather_weight and restore with load_full_weight"):
+        head.load_state_dict(shard)
     load_full_weight(head, torch.load(path))
     loss = head(local(x, rank), local(y, rank))
     close(loss, single_process(x, w * 0.5 + 1, y, MARGINS["cosface"], "detached")[0])
@@ -164,6 +168,8 @@ def bad_input_on_one_rank(rank, world):
     with pytest.raises(ValueError, match="local batch sizes differ"):
         head(local(x, rank)[:batch], local(y, rank)[:batch])
     assert head(local(x, rank), local(y, rank)).isfinite()  # still usable: nobody hung
+    with pytest.raises(ValueError, match=r"num_classes \(2\) must be at least the world size \(3\)"):
+        PartialFC(Margin(*MARGINS["arcface"]), D, 2)
 
 
 def insightface_parity(rank, world):

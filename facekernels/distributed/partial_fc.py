@@ -144,6 +144,13 @@ class PartialFC(nn.Module):
                 f"[{self.class_start}, {self.class_start + self.num_local}): save with "
                 "gather_weight and restore with load_full_weight to change the world size")
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The class range first: another rank's shard must not overwrite this weight.
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            self.set_extra_state(extra)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _check(self, embeddings, labels):
         """This rank's complaint about its input, or None."""
         if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point() \
