@@ -24,22 +24,26 @@ TORCH_LIBRARY(facekernels, m) {
   // otherwise); false for a class shard, where a label outside means "another shard's
   // class": no target logit (0). rows (int64, strictly increasing): the op sees the weight
   // rows weight[rows] only, as PartialFC's sampled classes, without copying them; labels
-  // index rows, and the weight gradient is zero outside them. The loss is log_sum + (row_max - target_logit); row_max is a constant
+  // index rows, and the weight gradient is zero outside them. interclass_filtering_threshold
+  // > 0: a non-target cosine above it gives logit 0 and no gradient (insightface's
+  // PartialFC option against mislabeled classes). The loss is log_sum + (row_max - target_logit); row_max is a constant
   // for autograd (the loss does not depend on it). The backward skips the GEMM of a
   // gradient that is not wanted and returns it as [0, D].
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float scale, "
       "float m1, float m2, float m3, float sphere_lambda, int margin_kind, bool exact_gradient, "
       "bool normalize_embeddings, bool normalize_weight, int chunk_size, "
-      "bool labels_in_range=True, Tensor? rows=None) -> (Tensor row_max, Tensor log_sum, "
-      "Tensor target_logit, Tensor best_cosine, Tensor predicted)");
+      "bool labels_in_range=True, Tensor? rows=None, float interclass_filtering_threshold=0.0) "
+      "-> (Tensor row_max, Tensor log_sum, Tensor target_logit, Tensor best_cosine, "
+      "Tensor predicted)");
   m.def(
       "margin_softmax_backward(Tensor grad_log_sum, Tensor grad_target, Tensor embeddings, "
       "Tensor weight, Tensor labels, Tensor row_max, Tensor log_sum, float scale, float m1, "
       "float m2, float m3, "
       "float sphere_lambda, int margin_kind, bool exact_gradient, bool normalize_embeddings, "
       "bool normalize_weight, int chunk_size, bool embeddings_grad=True, bool weight_grad=True, "
-      "Tensor? rows=None) -> (Tensor grad_embeddings, Tensor grad_weight)");
+      "Tensor? rows=None, float interclass_filtering_threshold=0.0) -> (Tensor grad_embeddings, "
+      "Tensor grad_weight)");
 
   // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
   // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet, 6 every triplet; positives and negatives

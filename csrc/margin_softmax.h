@@ -34,6 +34,12 @@ struct Margin {
   int64_t kind;
   bool exact_gradient;  // false: the margin shifts the value only (slope 1)
   bool clamp;           // the weight is normalized: z is a cosine, clamped to [-1, 1]
+  acc_t filter;         // > 0: a non-target cosine above it gives logit 0 and no gradient
+                        // (insightface's interclass filtering of likely mislabeled classes)
+
+  C10_HOST_DEVICE bool filtered(acc_t c, bool is_target) const {
+    return !is_target && filter > acc_t(0) && c > filter;
+  }
 
   C10_HOST_DEVICE acc_t cosine(acc_t z) const {
     return clamp ? (z < acc_t(-1) ? acc_t(-1) : (z > acc_t(1) ? acc_t(1) : z)) : z;
@@ -77,7 +83,7 @@ struct Margin {
   C10_HOST_DEVICE acc_t logit(acc_t z, bool is_target, acc_t row_scale) const {
     const acc_t c = cosine(z);
     if (!is_target) {
-      return row_scale * c;
+      return filtered(c, false) ? acc_t(0) : row_scale * c;
     }
     acc_t value, slope;
     target(c, value, slope);
@@ -98,6 +104,9 @@ C10_HOST_DEVICE inline acc_t margin_logit_backward(const Margin<acc_t>& margin, 
   acc_t value = c, slope = acc_t(1);
   if (is_target) {
     margin.target(c, value, slope);
+  } else if (margin.filtered(c, false)) {
+    value = acc_t(0);
+    slope = acc_t(0);
   }
   const acc_t p = std::exp((row_scale * value - row_max) - log_sum);
   const acc_t grad_logit = grad_log_sum * p + (is_target ? grad_target : acc_t(0));
@@ -148,11 +157,13 @@ struct MarginOptions {
   int64_t kind;
   bool exact_gradient, normalize_embeddings, normalize_weight;
   int64_t chunk_size;
+  double filter;
 
   template <typename acc_t>
   Margin<acc_t> margin() const {
     return {static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(m3),
-            static_cast<acc_t>(lambda), kind, exact_gradient, normalize_weight};
+            static_cast<acc_t>(lambda), kind, exact_gradient, normalize_weight,
+            static_cast<acc_t>(filter)};
   }
 };
 
@@ -196,11 +207,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     double scale, double m1, double m2, double m3, double lambda, int64_t kind,
     bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size,
-    bool labels_in_range, const std::optional<at::Tensor>& rows) {
+    bool labels_in_range, const std::optional<at::Tensor>& rows, double filter) {
   return margin_softmax_forward_impl(
       embeddings, weight, labels,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size},
+       chunk_size, filter},
       labels_in_range, rows, epilogue);
 }
 
@@ -211,11 +222,11 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward(
     const at::Tensor& log_sum, double scale, double m1, double m2, double m3, double lambda,
     int64_t kind, bool exact_gradient, bool normalize_embeddings, bool normalize_weight,
     int64_t chunk_size, bool embeddings_grad, bool weight_grad,
-    const std::optional<at::Tensor>& rows) {
+    const std::optional<at::Tensor>& rows, double filter) {
   return margin_softmax_backward_impl(
       grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size},
+       chunk_size, filter},
       embeddings_grad, weight_grad, rows, epilogue);
 }
 

@@ -14,8 +14,9 @@ from facekernels.ops.margin_softmax import margin_softmax_rows
 
 
 def _margins(margin_loss):
-    """(s, m1, m2, m3) of facekernels' CombinedMarginLoss / ArcFaceLoss / CosFaceLoss, or of
-    any object with s, m1, m2, m3 (insightface's CombinedMarginLoss)."""
+    """(s, m1, m2, m3, interclass_filtering_threshold) of facekernels' CombinedMarginLoss /
+    ArcFaceLoss / CosFaceLoss (no filtering), or of any object with s, m1, m2, m3 and
+    optionally interclass_filtering_threshold (insightface's CombinedMarginLoss)."""
     if hasattr(margin_loss, "margins") and hasattr(margin_loss, "scale"):
         m1, m2, m3, sphere_lambda = margin_loss.margins()
         if getattr(margin_loss, "kind", 0) != 0 or sphere_lambda:
@@ -26,12 +27,11 @@ def _margins(margin_loss):
     else:
         raise ValueError("PartialFC: margin_loss must be a facekernels margin head or have "
                          f"attributes s, m1, m2, m3, got {type(margin_loss).__name__}")
-    if getattr(margin_loss, "interclass_filtering_threshold", 0) > 0:
-        raise ValueError("PartialFC: interclass_filtering_threshold > 0 is not supported by the "
-                         "fused op (it would zero the logits of similar negative classes)")
+    threshold = getattr(margin_loss, "interclass_filtering_threshold", 0.0)
     return tuple(check_number("PartialFC", f"margin_loss.{name}", value, low)
                  for name, value, low in (("s", s, 0.0), ("m1", m1, 0.0), ("m2", m2, -math.inf),
-                                          ("m3", m3, -math.inf)))
+                                          ("m3", m3, -math.inf),
+                                          ("interclass_filtering_threshold", threshold, -math.inf)))
 
 
 class _AllGather(torch.autograd.Function):
@@ -95,7 +95,9 @@ class PartialFC(nn.Module):
     Args:
         margin_loss: facekernels' ArcFaceLoss / CosFaceLoss / CombinedMarginLoss (its scale
             and margins; its weight is not used), or any object with ``s, m1, m2, m3``
-            (insightface's CombinedMarginLoss). Target logit s (cos(m1 theta + m2) - m3).
+            (insightface's CombinedMarginLoss; its interclass_filtering_threshold > 0 gives a
+            non-target class whose cosine exceeds it logit 0 and no gradient, as there).
+            Target logit s (cos(m1 theta + m2) - m3).
         embedding_size, num_classes, sample_rate, fp16: as PartialFC_V2 (fp16: the GEMMs
             under float16 autocast).
         process_group: the group to shard over (default: the world).
@@ -122,7 +124,7 @@ class PartialFC(nn.Module):
                              f"size ({self.world_size}): every rank holds a shard")
         self.sample_rate = check_number("PartialFC", "sample_rate", sample_rate, 0.0, 1.0)
         check_choice("PartialFC", "gradient", gradient, ("detached", "exact"))
-        self.scale, self.m1, self.m2, self.m3 = _margins(margin_loss)
+        self.scale, self.m1, self.m2, self.m3, self.interclass_filtering_threshold = _margins(margin_loss)
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.fp16, self.gradient, self.generator = bool(fp16), gradient, generator
         self.num_local, self.class_start = shard_range(num_classes, self.world_size, self.rank)
@@ -211,7 +213,8 @@ class PartialFC(nn.Module):
             row_max, log_sum, target, _ = margin_softmax_rows(
                 embeddings, weight, labels, kind=0, scale=self.scale, m1=self.m1, m2=self.m2,
                 m3=self.m3, sphere_lambda=0.0, gradient=self.gradient, normalize_embeddings=True,
-                normalize_weight=True, chunk_size=None, labels_in_range=False, rows=rows)
+                normalize_weight=True, chunk_size=None, labels_in_range=False, rows=rows,
+                interclass_filtering_threshold=self.interclass_filtering_threshold)
         return _ShardedSoftmax.apply(row_max, log_sum, target, self.group)
 
     def extra_repr(self):

@@ -61,7 +61,8 @@ def _(embeddings, weight, labels, *options):
 @torch.library.register_fake("facekernels::margin_softmax_backward")
 def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, scale, m1, m2,
       m3, sphere_lambda, margin_kind, exact_gradient, normalize_embeddings, normalize_weight,
-      chunk_size, embeddings_grad=True, weight_grad=True, rows=None):
+      chunk_size, embeddings_grad=True, weight_grad=True, rows=None,
+      interclass_filtering_threshold=0.0):
     def gradient(t, wanted):
         shape = t.shape if wanted else (0, t.shape[1])
         return t.new_empty(shape)
@@ -70,10 +71,10 @@ def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, s
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels, *options, _labels_in_range, rows = inputs  # the backward's options
+    embeddings, weight, labels, *options, _labels_in_range, rows, threshold = inputs
     row_max, log_sum, _, best_cosine, predicted = output
     ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, rows)
-    ctx.options = options
+    ctx.options, ctx.threshold = options, threshold  # the backward's options
     # row_max only shifts log_sum; the loss log_sum + row_max - target does not depend on it.
     ctx.mark_non_differentiable(row_max, best_cosine, predicted)
 
@@ -88,11 +89,12 @@ def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicte
     grad_embeddings, grad_weight = torch.ops.facekernels.margin_softmax_backward(
         grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *ctx.options,
         embeddings_grad=embeddings_grad, weight_grad=weight_grad, rows=rows,
+        interclass_filtering_threshold=ctx.threshold,
     )
     return (
         grad_embeddings if ctx.needs_input_grad[0] else None,
         grad_weight if ctx.needs_input_grad[1] else None,
-        *([None] * (3 + len(ctx.options))),
+        *([None] * (4 + len(ctx.options))),
     )
 
 
@@ -103,12 +105,13 @@ torch.library.register_autograd(
 
 def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, sphere_lambda,
                         gradient, normalize_embeddings, normalize_weight, chunk_size,
-                        labels_in_range=True, rows=None):
+                        labels_in_range=True, rows=None, interclass_filtering_threshold=0.0):
     """Per row (row_max, log_sum, target_logit, predicted) of the fused op: the softmax's
     log-sum-exp is row_max + log_sum, and the loss log_sum + (row_max - target_logit). A
     class shard (distributed.PartialFC) passes labels_in_range=False (labels outside
     [0, C) are other shards' classes: target 0) and, when it samples classes, their sorted
-    indices as rows (labels then index rows)."""
+    indices as rows (labels then index rows), and may filter similar non-target classes
+    (interclass_filtering_threshold > 0: a non-target cosine above it gives logit 0)."""
     _check_tensors(embeddings, weight, labels)
     check_choice(_OP, "gradient", gradient, _GRADIENTS)
     if chunk_size is None:
@@ -137,6 +140,7 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
         chunk_size,
         labels_in_range,
         rows,
+        check_number(_OP, "interclass_filtering_threshold", interclass_filtering_threshold),
     )
     return row_max, log_sum, target_logit, predicted
 

@@ -55,12 +55,18 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         return grad_logits * grad / len(labels), None, None
 
 
-def _combined_margin(cos, labels, s, m1, m2, m3):
-    """insightface's CombinedMarginLoss: ArcFace (m1 = 1, m3 = 0) adds m2 to the target
-    angle without a gradient through the margin and without a fallback past pi; otherwise
-    m3 > 0 subtracts m3 (m2 is then ignored); anything else is refused, as there."""
+def _combined_margin(cos, labels, s, m1, m2, m3, threshold):
+    """insightface's CombinedMarginLoss: with threshold > 0 the non-target cosines above it
+    are zeroed (the mask without a gradient); ArcFace (m1 = 1, m3 = 0) adds m2 to the
+    target angle without a gradient through the margin and without a fallback past pi;
+    otherwise m3 > 0 subtracts m3 (m2 is then ignored); anything else is refused."""
     here = (labels != -1).nonzero().squeeze(1)
     logits = cos.clone()
+    if threshold > 0:
+        with torch.no_grad():
+            dirty = logits > threshold
+            dirty[here, labels[here]] = False
+        logits = logits * (~dirty)
     if m1 == 1.0 and m3 == 0.0:
         with torch.no_grad():
             angle = logits[here, labels[here]].arccos()
@@ -83,6 +89,7 @@ def partial_fc_v2_loss(
     m1: float,
     m2: float,
     m3: float,
+    interclass_filtering_threshold: float = 0.0,
     group: Optional[dist.ProcessGroup] = None,
 ) -> torch.Tensor:
     r"""The loss of PartialFC_V2 on this rank's shard ``weight`` = classes
@@ -101,5 +108,6 @@ def partial_fc_v2_loss(
     labels = torch.cat(parts) - class_start
     labels = torch.where((labels >= 0) & (labels < weight.shape[0]), labels, -1)
     cos = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
-    return _DistributedCrossEntropy.apply(_combined_margin(cos, labels, s, m1, m2, m3), labels, group)
+    logits = _combined_margin(cos, labels, s, m1, m2, m3, interclass_filtering_threshold)
+    return _DistributedCrossEntropy.apply(logits, labels, group)
 
