@@ -99,8 +99,15 @@ def parity(rank, world):
     head = PartialFC(facekernels.ArcFaceLoss(C, D, margin=0.5, scale=16.0), D, C)
     load_full_weight(head, w.float())
     loss = head(local(x, rank).float(), local(y, rank))
-    torch.testing.assert_close(loss.double(), single_process(x, w, y, MARGINS["arcface"], "detached")[0],
-                               rtol=1e-5, atol=1e-5)
+    want = single_process(x, w, y, MARGINS["arcface"], "detached")[0]
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+    # fp16=True: the GEMMs under float16 autocast, the weight and its gradient fp32.
+    head = PartialFC(facekernels.ArcFaceLoss(C, D, margin=0.5, scale=16.0), D, C, fp16=True)
+    load_full_weight(head, w.float())
+    loss = head(local(x, rank).float(), local(y, rank))
+    loss.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-2, atol=1e-2)
+    assert head.weight.grad.dtype == torch.float32
 
 
 def sampling(rank, world):
