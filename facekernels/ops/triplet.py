@@ -3,6 +3,7 @@ triplet mining and the triplet margin loss in O(N^2) memory
 (facekernels::triplet_margin_forward / triplet_mine / pairwise_distance_refine)."""
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -273,10 +274,31 @@ def reduce_terms(losses, reduction):
     return losses.sum()
 
 
-def _setup_loss(op, embeddings, labels, margin, mining, distance, triplets_per_anchor,
+class _Setup(NamedTuple):
+    """A checked triplet-loss call: the batch, its reference set and the triplets (the given
+    or converted list, a drawn one, or None: every valid triplet / mined in the pass)."""
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    ref: torch.Tensor
+    ref_labels: torch.Tensor
+    self_ref: bool
+    triplets: tuple
+    margin: float
+    mining: str
+    distance: str
+    normalize_embeddings: bool
+
+    def dist(self):
+        ref = None if self.self_ref else self.ref
+        return dissimilarity(self.embeddings, ref, self.distance, self.normalize_embeddings)
+
+    def empty(self):
+        return self.embeddings.shape[0] == 0 or self.ref.shape[0] == 0
+
+
+def _setup_loss(embeddings, labels, margin, mining, distance, triplets_per_anchor,
                 normalize_embeddings, indices_tuple, ref_emb, ref_labels):
-    """Checks the arguments; returns (margin, labels, ref, ref_labels, self_ref, triplets),
-    triplets being the given (or converted) list, a drawn one, or None (every / mined)."""
+    op = "TripletMarginLoss"
     check_choice(op, "mining", mining, MINING)
     check_choice(op, "distance", distance, DISTANCES)
     margin = check_margin(op, "margin", margin)
@@ -288,7 +310,29 @@ def _setup_loss(op, embeddings, labels, margin, mining, distance, triplets_per_a
         indices_tuple = to_triplets(check_indices(op, indices_tuple, embeddings, ref))
     elif triplets_per_anchor != "all" and mining is None:
         indices_tuple = sample_triplets(labels, columns, self_ref, triplets_per_anchor)
-    return margin, labels, ref, columns, self_ref, indices_tuple
+    return _Setup(embeddings, labels, ref, columns, self_ref, indices_tuple, margin, mining,
+                  distance, normalize_embeddings)
+
+
+def _gathered_terms(setup, swap, smooth_loss):
+    """(terms, triplets, dist) over the triplet list, mined here when there is none."""
+    if setup.empty():
+        n, m = setup.embeddings.shape[0], setup.ref.shape[0]
+        return setup.embeddings.new_zeros(0), setup.triplets or _empty_triplets(setup.embeddings), \
+            setup.embeddings.new_zeros(n, m)
+    dist = setup.dist()
+    triplets = setup.triplets
+    if triplets is None:
+        triplets = torch.ops.facekernels.triplet_mine(dist.detach(), setup.labels, setup.ref_labels,
+                                                      setup.margin, MINING[setup.mining], setup.self_ref)
+    a, p, n = triplets
+    d_ap, d_an = dist[a, p], dist[a, n]
+    if swap:  # p and n both index the reference set
+        swap_dist = dist if setup.self_ref else \
+            dissimilarity(setup.ref, None, setup.distance, setup.normalize_embeddings)
+        d_an = torch.minimum(d_an, swap_dist[p, n])
+    violation = d_ap - d_an + setup.margin
+    return (F.softplus(violation) if smooth_loss else F.relu(violation)), triplets, dist
 
 
 def triplet_margin_terms(embeddings, labels=None, *, margin=0.05, mining=None,
@@ -298,24 +342,9 @@ def triplet_margin_terms(embeddings, labels=None, *, margin=0.05, mining=None,
     """(terms, (a, p, n), dist): each triplet's loss, the triplets (as in
     triplet_margin_loss) and the distance matrix they were read from, gathered over the
     list (memory O(T))."""
-    op = "TripletMarginLoss"
-    margin, labels, ref, columns, self_ref, indices_tuple = _setup_loss(
-        op, embeddings, labels, margin, mining, distance, triplets_per_anchor,
-        normalize_embeddings, indices_tuple, ref_emb, ref_labels)
-    if embeddings.shape[0] == 0 or ref.shape[0] == 0:
-        return embeddings.new_zeros(0), indices_tuple or _empty_triplets(embeddings), \
-            embeddings.new_zeros(embeddings.shape[0], ref.shape[0])
-    dist = dissimilarity(embeddings, None if self_ref else ref, distance, normalize_embeddings)
-    if indices_tuple is None:
-        indices_tuple = torch.ops.facekernels.triplet_mine(
-            dist.detach(), labels, columns, margin, MINING[mining], self_ref)
-    a, p, n = indices_tuple
-    d_ap, d_an = dist[a, p], dist[a, n]
-    if swap:  # p and n both index the reference set
-        swap_dist = dist if self_ref else dissimilarity(ref, None, distance, normalize_embeddings)
-        d_an = torch.minimum(d_an, swap_dist[p, n])
-    violation = d_ap - d_an + margin
-    return (F.softplus(violation) if smooth_loss else F.relu(violation)), indices_tuple, dist
+    setup = _setup_loss(embeddings, labels, margin, mining, distance, triplets_per_anchor,
+                        normalize_embeddings, indices_tuple, ref_emb, ref_labels)
+    return _gathered_terms(setup, swap, smooth_loss)
 
 
 def triplet_margin_loss(embeddings, labels=None, *, margin=0.05, mining=None,
@@ -336,23 +365,20 @@ def triplet_margin_loss(embeddings, labels=None, *, margin=0.05, mining=None,
     drawn list, swap, or reduction="none" gathers over the list (memory O(T)). Any NaN
     distance makes a reduced loss NaN. An empty batch gives 0, still in the graph.
     """
-    op = "TripletMarginLoss"
-    check_choice(op, "reduction", reduction, REDUCTIONS)
-    kw = dict(margin=margin, mining=mining, distance=distance, triplets_per_anchor=triplets_per_anchor,
-              normalize_embeddings=normalize_embeddings, ref_emb=ref_emb, ref_labels=ref_labels)
-    margin, labels, ref, columns, self_ref, triplets = _setup_loss(
-        op, embeddings, labels, indices_tuple=indices_tuple, **kw)
-    if triplets is not None or swap or reduction == "none":
-        terms, _, dist = triplet_margin_terms(embeddings, labels, swap=swap, smooth_loss=smooth_loss,
-                                              indices_tuple=triplets, **kw)
+    check_choice("TripletMarginLoss", "reduction", reduction, REDUCTIONS)
+    setup = _setup_loss(embeddings, labels, margin, mining, distance, triplets_per_anchor,
+                        normalize_embeddings, indices_tuple, ref_emb, ref_labels)
+    if setup.triplets is not None or swap or reduction == "none":
+        terms, _, dist = _gathered_terms(setup, swap, smooth_loss)
         if reduction == "none":
             return terms
         return nan_if_any(reduce_terms(terms, reduction) + (embeddings * 0).sum(), dist)
-    if embeddings.shape[0] == 0 or ref.shape[0] == 0:
+    if setup.empty():
         return (embeddings * 0).sum()
-    dist = dissimilarity(embeddings, None if self_ref else ref, distance, normalize_embeddings)
+    dist = setup.dist()
     loss_sum, active, count, _ = torch.ops.facekernels.triplet_margin_forward(
-        dist, labels, columns, margin, MINING[mining], self_ref, bool(smooth_loss)
+        dist, setup.labels, setup.ref_labels, setup.margin, MINING[mining], setup.self_ref,
+        bool(smooth_loss)
     )
     if reduction == "mean_nonzero":
         loss = loss_sum / active.clamp_min(1)
