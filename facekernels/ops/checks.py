@@ -56,3 +56,10 @@ def check_rows(op, name, tensor, embeddings, what="num_classes"):
         raise ValueError(f"{op}: {name} must have shape [{what}, {embeddings.shape[1]}] to match "
                          f"the embeddings, got {tuple(tensor.shape)}")
     check_device(op, name, tensor, embeddings)
+
+
+def check_sizes(owner, num_classes, embedding_size):
+    """Positive ints, checked by the constructors of the heads and CenterLoss."""
+    for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
