@@ -4,8 +4,8 @@ directly as a loss's indices_tuple."""
 from torch import nn
 
 from facekernels.metric_options import check_no_stats, resolve_distance
-from facekernels.ops.checks import check_choice
-from facekernels.ops.triplet import TRIPLET_TYPES, check_margin, mine_triplets
+from facekernels.ops.checks import check_choice, check_number
+from facekernels.ops.triplet import TRIPLET_TYPES, mine_triplets
 
 
 class TripletMiner(nn.Module):
@@ -35,7 +35,7 @@ class TripletMiner(nn.Module):
                  normalize_embeddings=None, collect_stats=False):
         super().__init__()
         check_choice("TripletMiner", "type_of_triplets", type_of_triplets, TRIPLET_TYPES)
-        self.margin = check_margin("TripletMiner", "margin", margin)
+        self.margin = check_number("TripletMiner", "margin", margin)
         self._distance, self.normalize_embeddings = resolve_distance(
             "TripletMiner", distance, normalize_embeddings)
         check_no_stats("TripletMiner", collect_stats)

@@ -25,14 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from facekernels.distributed.group import world_size
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _world_size(owner, group):
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{owner}: torch.distributed is not initialized (call "
-                           "torch.distributed.init_process_group first, e.g. under torchrun)")
-    return dist.get_world_size(group)
 
 
 def _all_gather_ints(values, group):
@@ -182,7 +177,7 @@ class DistributedLossWrapper(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         owner, group = "DistributedLossWrapper", self.process_group
-        world = _world_size(owner, group)
+        world = world_size(owner, group)
         if world == 1:
             return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         gathered = _gather(owner, group, embeddings, labels, ref_emb, ref_labels)
@@ -238,7 +233,7 @@ class DistributedMinerWrapper(nn.Module):
 
     def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None):
         owner, group = "DistributedMinerWrapper", self.process_group
-        if _world_size(owner, group) == 1:
+        if world_size(owner, group) == 1:
             return self.miner(embeddings, labels, ref_emb, ref_labels)
         gathered = _gather(owner, group, embeddings, labels, ref_emb, ref_labels)
         return _collectively(owner, group, self._mine, embeddings, *gathered)

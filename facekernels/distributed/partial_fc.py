@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from facekernels.distributed.group import world_size
 from facekernels.ops.checks import check_choice, check_number
 from facekernels.ops.margin_softmax import margin_softmax_rows
 
@@ -111,11 +112,8 @@ class PartialFC(nn.Module):
     def __init__(self, margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False, *,
                  process_group=None, gradient="detached", generator=None):
         super().__init__()
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("PartialFC: torch.distributed is not initialized "
-                               "(call torch.distributed.init_process_group first, e.g. under torchrun)")
-        self.group = process_group
-        self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
+        self.world_size = world_size("PartialFC", process_group)
+        self.group, self.rank = process_group, dist.get_rank(process_group)
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PartialFC: {name} must be a positive int, got {value!r}")

@@ -8,7 +8,6 @@ from facekernels.ops.checks import check_choice, check_number
 from facekernels.ops.contrastive import contrastive_pair_losses, double_margin_contrastive_loss
 from facekernels.ops.triplet import (
     MINING,
-    check_margin,
     check_triplets_per_anchor,
     triplet_margin_loss,
     triplet_margin_terms,
@@ -68,7 +67,7 @@ class TripletMarginLoss(_MetricLoss):
         if triplets_per_anchor != "all" and mining is not None:
             raise ValueError("TripletMarginLoss: triplets_per_anchor draws triplets, mining "
                              "selects them; give one of the two")
-        self.margin = check_margin("TripletMarginLoss", "margin", margin)
+        self.margin = check_number("TripletMarginLoss", "margin", margin)
         self.swap, self.smooth_loss = bool(swap), bool(smooth_loss)
         self.triplets_per_anchor, self.mining = triplets_per_anchor, mining
 
@@ -103,8 +102,8 @@ class ContrastiveLoss(_MetricLoss):
                  normalize_embeddings=None):
         super().__init__(distance, reducer, embedding_regularizer, embedding_reg_weight,
                          collect_stats, normalize_embeddings)
-        self.pos_margin = check_margin("ContrastiveLoss", "pos_margin", pos_margin)
-        self.neg_margin = check_margin("ContrastiveLoss", "neg_margin", neg_margin)
+        self.pos_margin = check_number("ContrastiveLoss", "pos_margin", pos_margin)
+        self.neg_margin = check_number("ContrastiveLoss", "neg_margin", neg_margin)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         kw = dict(pos_margin=self.pos_margin, neg_margin=self.neg_margin, distance=self._distance,

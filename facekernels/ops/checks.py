@@ -15,7 +15,8 @@ def check_number(op, name, value, low=-math.inf, high=math.inf):
     """A finite int or float (not a bool) in [low, high], returned as a float."""
     if (not isinstance(value, (int, float)) or isinstance(value, bool)
             or not math.isfinite(value) or not low <= value <= high):
-        raise ValueError(f"{op}: {name} must be a finite number in [{low}, {high}], got {value!r}")
+        bounds = "" if (low, high) == (-math.inf, math.inf) else f" in [{low}, {high}]"
+        raise ValueError(f"{op}: {name} must be a finite number{bounds}, got {value!r}")
     return float(value)
 
 

@@ -3,12 +3,11 @@
 import torch
 import torch.nn.functional as F
 
-from facekernels.ops.checks import check_choice, check_device, check_embeddings
+from facekernels.ops.checks import check_choice, check_device, check_embeddings, check_number
 from facekernels.ops.triplet import (
     DISTANCES,
     REDUCTIONS,
     check_indices,
-    check_margin,
     nan_if_any,
     pairwise_distance,
     reduce_terms,
@@ -34,7 +33,7 @@ def contrastive_loss(emb1, emb2, y, margin=1.0):
     check_device(op, "y", y, emb1)
     if not ((y == 0) | (y == 1)).all():
         raise ValueError(f"{op}: y must hold 0 (similar pair) or 1 (dissimilar pair) only")
-    margin = check_margin(op, "margin", margin)
+    margin = check_number(op, "margin", margin)
     y = y.to(emb1.dtype)
     d = torch.linalg.vector_norm(emb1 - emb2, dim=1)  # its gradient is 0 at d = 0
     return (0.5 * (1 - y) * d.square() + 0.5 * y * F.relu(margin - d).square()).mean()
@@ -49,8 +48,8 @@ def contrastive_pair_losses(embeddings, labels=None, *, pos_margin=0.0, neg_marg
     of the batch with the reference set (i != j when that is the batch itself)."""
     op = "ContrastiveLoss"
     check_choice(op, "distance", distance, DISTANCES)
-    pos_margin = check_margin(op, "pos_margin", pos_margin)
-    neg_margin = check_margin(op, "neg_margin", neg_margin)
+    pos_margin = check_number(op, "pos_margin", pos_margin)
+    neg_margin = check_number(op, "neg_margin", neg_margin)
     if labels is None and indices_tuple is None:
         raise ValueError(f"{op}: labels are required when indices_tuple is not given")
     labels, ref, ref_labels, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)

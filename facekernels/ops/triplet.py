@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from facekernels.ops.checks import check_choice, check_embeddings, check_device
+from facekernels.ops.checks import check_choice, check_device, check_embeddings, check_number
 
 # None: no mining, every valid triplet (pytorch-metric-learning's loss without a miner).
 MINING = {"all": 0, "hard": 1, "semihard": 2, "easy": 3, "batch_hard": 4, "facenet": 5, None: 6}
@@ -224,7 +224,7 @@ def mine_triplets(embeddings, labels, *, margin=0.2, type_of_triplets="all",
     op = "TripletMiner"
     check_choice(op, "type_of_triplets", type_of_triplets, TRIPLET_TYPES)
     check_choice(op, "distance", distance, DISTANCES)
-    margin = check_margin(op, "margin", margin)
+    margin = check_number(op, "margin", margin)
     if labels is None:
         raise ValueError(f"{op}: labels are required")
     labels, ref, columns, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)
@@ -235,13 +235,6 @@ def mine_triplets(embeddings, labels, *, margin=0.2, type_of_triplets="all",
         return torch.ops.facekernels.triplet_mine(
             dist, labels, columns, margin, MINING[type_of_triplets], self_ref
         )
-
-
-def check_margin(op, name, value):
-    """A finite real margin, as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def check_triplets_per_anchor(op, value):
@@ -301,7 +294,7 @@ def _setup_loss(embeddings, labels, margin, mining, distance, triplets_per_ancho
     op = "TripletMarginLoss"
     check_choice(op, "mining", mining, MINING)
     check_choice(op, "distance", distance, DISTANCES)
-    margin = check_margin(op, "margin", margin)
+    margin = check_number(op, "margin", margin)
     check_triplets_per_anchor(op, triplets_per_anchor)
     if labels is None and indices_tuple is None:
         raise ValueError(f"{op}: labels are required when indices_tuple is not given")
