@@ -26,15 +26,23 @@ TORCH_LIBRARY(facekernels, m) {
   // rows weight[rows] only, as PartialFC's sampled classes, without copying them; labels
   // index rows, and the weight gradient is zero outside them. interclass_filtering_threshold
   // > 0: a non-target cosine above it gives logit 0 and no gradient (insightface's
-  // PartialFC option against mislabeled classes). The loss is log_sum + (row_max - target_logit); row_max is a constant
-  // for autograd (the loss does not depend on it). The backward skips the GEMM of a
-  // gradient that is not wanted and returns it as [0, D].
+  // PartialFC option against mislabeled classes). margin_kind 2: AdaFace, cosines clamped
+  // to +-(1 - 1e-3), target s (cos(clip(theta + m2, 1e-3, pi - 1e-3)) - m3); 3: kind 0 where
+  // cos > 0, else s cos (the easy margin, MagFace's default). row_m2, row_m3
+  // ([N]): per-row margins in place of m2, m3 (the backward returns d loss / d m per row).
+  // sub_centers K: the weight is [C * K, D] class-major and a class's cosine is the max
+  // over its K rows (chunk_size counts classes). hard_threshold, hard_t ([N]): CurricularFace's
+  // negatives, a non-target cosine c above row i's threshold becomes c (hard_t_i + c).
+  // The loss is log_sum + (row_max - target_logit); row_max is a constant for autograd (the
+  // loss does not depend on it). The backward skips the GEMMs of a gradient that is not
+  // wanted and returns it empty ([0, D], or [0] for the margins).
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float scale, "
       "float m1, float m2, float m3, float sphere_lambda, int margin_kind, bool exact_gradient, "
       "bool normalize_embeddings, bool normalize_weight, int chunk_size, "
-      "bool labels_in_range=True, Tensor? rows=None, float interclass_filtering_threshold=0.0) "
-      "-> (Tensor row_max, Tensor log_sum, Tensor target_logit, Tensor best_cosine, "
+      "bool labels_in_range=True, Tensor? rows=None, float interclass_filtering_threshold=0.0, "
+      "Tensor? row_m2=None, Tensor? row_m3=None, int sub_centers=1, Tensor? hard_threshold=None, "
+      "Tensor? hard_t=None) -> (Tensor row_max, Tensor log_sum, Tensor target_logit, Tensor best_cosine, "
       "Tensor predicted)");
   m.def(
       "margin_softmax_backward(Tensor grad_log_sum, Tensor grad_target, Tensor embeddings, "
@@ -42,8 +50,10 @@ TORCH_LIBRARY(facekernels, m) {
       "float m2, float m3, "
       "float sphere_lambda, int margin_kind, bool exact_gradient, bool normalize_embeddings, "
       "bool normalize_weight, int chunk_size, bool embeddings_grad=True, bool weight_grad=True, "
-      "Tensor? rows=None, float interclass_filtering_threshold=0.0) -> (Tensor grad_embeddings, "
-      "Tensor grad_weight)");
+      "Tensor? rows=None, float interclass_filtering_threshold=0.0, Tensor? row_m2=None, "
+      "Tensor? row_m3=None, int sub_centers=1, Tensor? hard_threshold=None, Tensor? hard_t=None, "
+      "bool margins_grad=False) -> (Tensor grad_embeddings, Tensor grad_weight, Tensor grad_m2, "
+      "Tensor grad_m3)");
 
   // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
   // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet, 6 every triplet; positives and negatives

@@ -34,8 +34,34 @@ void check_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
                     "] to match embeddings, got ", labels.sizes());
   TORCH_CHECK_VALUE(options.chunk_size > 0, kOp, ": chunk_size must be positive, got ",
                     options.chunk_size);
-  TORCH_CHECK_VALUE(options.kind == kCombinedMargin || options.kind == kSphereMargin, kOp,
+  TORCH_CHECK_VALUE(options.kind >= kCombinedMargin && options.kind <= kEasyMargin, kOp,
                     ": unknown margin kind ", options.kind);
+  TORCH_CHECK_VALUE(options.sub_centers >= 1 && weight.size(0) % options.sub_centers == 0, kOp,
+                    ": sub_centers must be a positive divisor of the weight's ", weight.size(0),
+                    " rows, got ", options.sub_centers);
+}
+
+// The per-row overrides as [N] tensors in the accumulate type, checked.
+MarginOptions with_row_inputs(MarginOptions options, const at::Tensor& embeddings,
+                              at::ScalarType acc) {
+  const auto prepare = [&](const char* name, at::Tensor& t) {
+    if (!t.defined()) {
+      return;
+    }
+    check_defined_floating(kOp, name, t);
+    check_same_device(kOp, name, t, embeddings);
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == embeddings.size(0), kOp, ": ", name,
+                      " must have shape [", embeddings.size(0), "] to match embeddings, got ",
+                      t.sizes());
+    t = t.to(acc).contiguous();
+  };
+  prepare("row_m2", options.row_m2);
+  prepare("row_m3", options.row_m3);
+  prepare("hard_threshold", options.row_hard);
+  prepare("hard_t", options.row_hard_t);
+  TORCH_CHECK_VALUE(options.row_hard.defined() == options.row_hard_t.defined(), kOp,
+                    ": hard_threshold and hard_t go together");
+  return options;
 }
 
 // Rows scaled to unit norm as F.normalize does (norm floored at 1e-12), computed in the
@@ -83,24 +109,29 @@ struct WeightChunk {
   at::Tensor rows, inverse, norms;
 };
 
-// The classes the op sees: the weight's rows, or weight[rows] (read chunk by chunk).
+// The classes the op sees: the weight's rows in groups of K sub-centers, or weight[rows]
+// (read chunk by chunk; K = 1).
 struct Classes {
   const at::Tensor& weight;
   std::optional<at::Tensor> rows;
+  int64_t sub_centers;
 
-  int64_t count() const { return rows ? rows->size(0) : weight.size(0); }
+  int64_t count() const { return rows ? rows->size(0) : weight.size(0) / sub_centers; }
+  // The weight rows of classes start..start+length.
   at::Tensor chunk(int64_t start, int64_t length) const {
     return rows ? weight.index_select(0, rows->narrow(0, start, length))
-                : weight.narrow(0, start, length);
+                : weight.narrow(0, start * sub_centers, length * sub_centers);
   }
 };
 
 // rows: int64 on the weight's device, strictly increasing (so the weight gradient is written
 // by index_copy_, no accumulation), within [0, weight rows). Reads the values: one sync.
-Classes classes_of(const at::Tensor& weight, const std::optional<at::Tensor>& rows) {
+Classes classes_of(const at::Tensor& weight, const std::optional<at::Tensor>& rows,
+                   int64_t sub_centers) {
   if (!rows) {
-    return {weight, std::nullopt};
+    return {weight, std::nullopt, sub_centers};
   }
+  TORCH_CHECK_VALUE(sub_centers == 1, kOp, ": rows cannot select classes of sub-centers");
   const at::Tensor& r = *rows;
   TORCH_CHECK_TYPE(r.scalar_type() == at::kLong, kOp, ": rows must be int64, got ", r.scalar_type());
   TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) > 0, kOp, ": rows must be a non-empty 1-D tensor, got ",
@@ -111,7 +142,7 @@ Classes classes_of(const at::Tensor& weight, const std::optional<at::Tensor>& ro
                     ": rows must be strictly increasing");
   TORCH_CHECK_VALUE(c[0].item<int64_t>() >= 0 && c[-1].item<int64_t>() < weight.size(0), kOp,
                     ": rows must lie in [0, ", weight.size(0), ")");
-  return {weight, c};
+  return {weight, c, 1};
 }
 
 WeightChunk weight_chunk(const Classes& classes, int64_t start, int64_t length,
@@ -128,12 +159,14 @@ WeightChunk weight_chunk(const Classes& classes, int64_t start, int64_t length,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
-    const MarginOptions& options, bool labels_in_range, const std::optional<at::Tensor>& rows,
+    const MarginOptions& raw_options, bool labels_in_range, const std::optional<at::Tensor>& rows,
     ForwardEpilogue epilogue) {
   // Dtypes are chosen here (GEMMs in the embeddings' dtype): autocast must not re-cast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_inputs(embeddings, weight, labels, options);
-  const Classes classes = classes_of(weight, rows);
+  check_inputs(embeddings, weight, labels, raw_options);
+  const MarginOptions options = with_row_inputs(
+      raw_options, embeddings, at::toOpMathType(embeddings.scalar_type()));
+  const Classes classes = classes_of(weight, rows, options.sub_centers);
   if (labels_in_range) {
     // Here rather than in Python, so that a compiled graph checks too (one sync on a GPU).
     check_labels(kOp, labels, embeddings.size(0), classes.count());
@@ -158,14 +191,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
           state.predicted};
 }
 
-std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
-    const at::Tensor& log_sum, const MarginOptions& options, bool embeddings_grad,
-    bool weight_grad, const std::optional<at::Tensor>& rows, BackwardEpilogue epilogue) {
+    const at::Tensor& log_sum, const MarginOptions& raw_options, bool embeddings_grad,
+    bool weight_grad, bool margins_grad, const std::optional<at::Tensor>& rows,
+    BackwardEpilogue epilogue) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_inputs(embeddings, weight, labels, options);
-  const Classes classes = classes_of(weight, rows);
+  check_inputs(embeddings, weight, labels, raw_options);
+  const MarginOptions options = with_row_inputs(
+      raw_options, embeddings, at::toOpMathType(embeddings.scalar_type()));
+  const Classes classes = classes_of(weight, rows, options.sub_centers);
   const c10::DeviceGuard device(embeddings.device());
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = classes.count();
@@ -179,14 +215,16 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
   check_row_vector("grad_target", grad_target);
   check_row_vector("row_max", row_max);
   check_row_vector("log_sum", log_sum);
-  const at::Tensor grad_log_sum_c = grad_log_sum.to(acc).contiguous();
-  const at::Tensor grad_target_c = grad_target.to(acc).contiguous();
-  const at::Tensor row_max_c = row_max.to(acc).contiguous();
-  const at::Tensor log_sum_c = log_sum.to(acc).contiguous();
+  // A row whose label is outside a class shard has no target here: its margin gradients are 0.
+  const auto margin_grad = [&](const at::Tensor& row_margin) {
+    return margins_grad && row_margin.defined() ? at::zeros({n}, acc) : at::Tensor();
+  };
+  RowGrads grads{row_max.to(acc).contiguous(), log_sum.to(acc).contiguous(),
+                 grad_log_sum.to(acc).contiguous(), grad_target.to(acc).contiguous(),
+                 at::zeros({n}, acc), margin_grad(options.row_m2), margin_grad(options.row_m3)};
   const at::Tensor labels_c = labels.contiguous();
 
   at::Tensor grad_unit = at::zeros({n, embeddings.size(1)}, acc);
-  at::Tensor scale_grad = at::zeros({n}, acc);
   // With rows, the rows not seen get a zero gradient.
   at::Tensor grad_weight =
       !weight_grad ? weight.new_empty({0, weight.size(1)})
@@ -196,8 +234,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
     at::Tensor dz = at::matmul(unit_rows.unit, chunk.rows.t()).contiguous();
-    epilogue(dz, start, labels_c, unit_rows.scales, row_max_c, log_sum_c, grad_log_sum_c,
-             grad_target_c, options, scale_grad);
+    epilogue(dz, start, labels_c, unit_rows.scales, options, grads);
     if (embeddings_grad) {
       grad_unit.add_(at::matmul(dz, chunk.rows));
     }
@@ -210,20 +247,22 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
       if (classes.rows) {
         grad_weight.index_copy_(0, classes.rows->narrow(0, start, length), grad.to(grad_weight.scalar_type()));
       } else {
-        grad_weight.narrow(0, start, length).copy_(grad);
+        grad_weight.narrow(0, start * options.sub_centers, length * options.sub_centers).copy_(grad);
       }
     }
   }
+  const auto margin_out = [&](const at::Tensor& g) { return g.defined() ? g : at::empty({0}, acc); };
   if (!embeddings_grad) {
-    return {embeddings.new_empty({0, embeddings.size(1)}), grad_weight};
+    return {embeddings.new_empty({0, embeddings.size(1)}), grad_weight, margin_out(grads.m2),
+            margin_out(grads.m3)};
   }
   const at::Tensor unit = unit_rows.unit.to(acc.dtype());
   at::Tensor grad_embeddings = normalize_backward(grad_unit, unit, unit_rows.inverse, unit_rows.norms);
   if (!options.normalize_embeddings) {
     // s_i = scale |x_i| also depends on x_i: d|x_i|/dx_i is the unit direction.
-    grad_embeddings.add_(unit * (scale_grad * options.scale).unsqueeze(1));
+    grad_embeddings.add_(unit * (grads.scale * options.scale).unsqueeze(1));
   }
-  return {grad_embeddings.to(dtype), grad_weight};
+  return {grad_embeddings.to(dtype), grad_weight, margin_out(grads.m2), margin_out(grads.m3)};
 }
 
 }  // namespace facekernels

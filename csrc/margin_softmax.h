@@ -21,41 +21,87 @@ namespace facekernels {
 enum MarginKind : int64_t {
   kCombinedMargin = 0,  // target s * (cos(m1 theta + m2) - m3)
   kSphereMargin = 1,    // target s * (psi(theta) + lambda cos) / (1 + lambda), psi with m = m1
+  kAdaMargin = 2,       // AdaFace: cosines clamped to +-(1 - eps), target
+                        // s * (cos(clip(theta + m2, eps, pi - eps)) - m3)
+  kEasyMargin = 3,      // the combined margin where cos > 0, else s * cos (MagFace's default)
 };
 
 // Floor of sin(theta) in d theta / d cos = -1 / sin(theta), finite at |cos| = 1.
 constexpr double kSinFloor = 1e-6;
 // F.normalize's floor on a row norm.
 constexpr double kNormFloor = 1e-12;
+// AdaFace's eps: the bound of its cosines and of its angles.
+constexpr double kAdaEps = 1e-3;
+
+// The target's margin function of the cosine and its derivatives.
+template <typename acc_t>
+struct TargetValue {
+  acc_t value;
+  acc_t slope;           // d value / d cos
+  acc_t dm2, dm3;        // d value / d m2, d value / d m3
+};
 
 template <typename acc_t>
 struct Margin {
   acc_t m1, m2, m3, lambda;
   int64_t kind;
-  bool exact_gradient;  // false: the margin shifts the value only (slope 1)
-  bool clamp;           // the weight is normalized: z is a cosine, clamped to [-1, 1]
+  bool exact_gradient;  // false: the margin shifts the value only (slope 1, no margin gradient)
+  bool clamp;           // the weight is normalized: z is a cosine, clamped to [-limit, limit]
+  acc_t limit;          // 1, or 1 - eps for AdaFace
   acc_t filter;         // > 0: a non-target cosine above it gives logit 0 and no gradient
                         // (insightface's interclass filtering of likely mislabeled classes)
+  acc_t hard, hard_t;   // CurricularFace: a non-target cosine c > hard becomes c (hard_t + c)
+  int64_t sub_centers;  // K: a class's cosine is the max over its K consecutive weight rows
+  // Per-row overrides ([N], or null): m2, m3, hard and hard_t.
+  const acc_t* row_m2;
+  const acc_t* row_m3;
+  const acc_t* row_hard;
+  const acc_t* row_hard_t;
 
-  C10_HOST_DEVICE bool filtered(acc_t c, bool is_target) const {
-    return !is_target && filter > acc_t(0) && c > filter;
+  // The margin of row i: the scalars with that row's overrides.
+  C10_HOST_DEVICE Margin for_row(int64_t i) const {
+    Margin row = *this;
+    if (row_m2 != nullptr) row.m2 = row_m2[i];
+    if (row_m3 != nullptr) row.m3 = row_m3[i];
+    if (row_hard != nullptr) row.hard = row_hard[i];
+    if (row_hard_t != nullptr) row.hard_t = row_hard_t[i];
+    return row;
   }
+
+  C10_HOST_DEVICE bool filtered(acc_t c) const { return filter > acc_t(0) && c > filter; }
 
   C10_HOST_DEVICE acc_t cosine(acc_t z) const {
-    return clamp ? (z < acc_t(-1) ? acc_t(-1) : (z > acc_t(1) ? acc_t(1) : z)) : z;
+    return clamp ? (z < -limit ? -limit : (z > limit ? limit : z)) : z;
   }
 
-  // d cosine / d z: zero where the clamp is active, at the bounds too (as torch.clamp).
+  // d cosine / d z: zero where the clamp is active, at the bounds too.
   C10_HOST_DEVICE acc_t cosine_slope(acc_t z) const {
-    return (!clamp || (z > acc_t(-1) && z < acc_t(1))) ? acc_t(1) : acc_t(0);
+    return (!clamp || (z > -limit && z < limit)) ? acc_t(1) : acc_t(0);
   }
 
-  // The target's margin function of the cosine, and its slope d value / d cos.
-  C10_HOST_DEVICE void target(acc_t c, acc_t& value, acc_t& slope) const {
-    if (kind == kCombinedMargin && m1 == acc_t(1) && m2 == acc_t(0)) {
-      value = c - m3;  // CosFace and plain softmax: no arccos needed
-      slope = acc_t(1);
-      return;
+  // Class j's cosine from the z of its K sub-centers: their max (a NaN wins, so that it
+  // propagates); `winner` is the sub-center that gave it.
+  template <typename scalar_t>
+  C10_HOST_DEVICE acc_t class_cosine(const scalar_t* z, int64_t& winner) const {
+    acc_t best = cosine(static_cast<acc_t>(z[0]));
+    winner = 0;
+    for (int64_t k = 1; k < sub_centers && best == best; ++k) {
+      const acc_t c = cosine(static_cast<acc_t>(z[k]));
+      if (c > best || c != c) {
+        best = c;
+        winner = k;
+      }
+    }
+    return best;
+  }
+
+  C10_HOST_DEVICE TargetValue<acc_t> target(acc_t c) const {
+    if (kind == kEasyMargin && c <= acc_t(0)) {
+      return finish({c, acc_t(1), acc_t(0), acc_t(0)});
+    }
+    if (kind != kSphereMargin && kind != kAdaMargin && m1 == acc_t(1) && m2 == acc_t(0)) {
+      // CosFace and plain softmax: no arccos for the value. d/dm2 at m2 = 0 is -sin(theta).
+      return finish({c - m3, acc_t(1), -std::sqrt(acc_t(1) - c * c), acc_t(-1)});
     }
     const acc_t theta = std::acos(c);
     const acc_t sin_theta = std::sqrt(acc_t(1) - c * c);
@@ -65,53 +111,103 @@ struct Margin {
       const acc_t k = std::floor(m1 * theta / pi);
       const acc_t sign = std::fmod(k, acc_t(2)) == acc_t(0) ? acc_t(1) : acc_t(-1);
       const acc_t psi = sign * std::cos(m1 * theta) - acc_t(2) * k;
-      value = (psi + lambda * c) / (acc_t(1) + lambda);
-      slope = (sign * m1 * std::sin(m1 * theta) * inv_sin + lambda) / (acc_t(1) + lambda);
-    } else if (m1 == acc_t(1) && m3 == acc_t(0) && theta + m2 > pi) {
-      value = c - m2 * std::sin(m2);  // ArcFace's monotone continuation past pi
-      slope = acc_t(1);
-    } else {
-      value = std::cos(m1 * theta + m2) - m3;
-      slope = m1 * std::sin(m1 * theta + m2) * inv_sin;
+      return finish({(psi + lambda * c) / (acc_t(1) + lambda),
+                     (sign * m1 * std::sin(m1 * theta) * inv_sin + lambda) / (acc_t(1) + lambda),
+                     acc_t(0), acc_t(0)});
     }
-    if (!exact_gradient) {
+    if (kind == kAdaMargin) {
+      // The angle is clipped into [eps, pi - eps] instead of ArcFace's fallback.
+      const acc_t eps = static_cast<acc_t>(kAdaEps);
+      const acc_t angle = theta + m2;
+      const bool inside = angle >= eps && angle <= pi - eps;
+      const acc_t phi = angle < eps ? eps : (angle > pi - eps ? pi - eps : angle);
+      const acc_t dphi = inside ? -std::sin(phi) : acc_t(0);  // d cos(phi) / d angle
+      return finish({std::cos(phi) - m3, -dphi * inv_sin, dphi, acc_t(-1)});
+    }
+    if (kind == kCombinedMargin && m1 == acc_t(1) && m3 == acc_t(0) && theta + m2 > pi) {
+      // ArcFace's monotone continuation past pi.
+      return finish({c - m2 * std::sin(m2), acc_t(1), -(std::sin(m2) + m2 * std::cos(m2)),
+                     acc_t(-1)});
+    }
+    const acc_t sin_angle = std::sin(m1 * theta + m2);
+    return finish({std::cos(m1 * theta + m2) - m3, m1 * sin_angle * inv_sin, -sin_angle, acc_t(-1)});
+  }
+
+  // A non-target's logit function of the cosine: value and d value / d cos.
+  C10_HOST_DEVICE void negative(acc_t c, acc_t& value, acc_t& slope) const {
+    if (filtered(c)) {
+      value = acc_t(0);
+      slope = acc_t(0);
+    } else if (c > hard) {
+      value = c * (hard_t + c);
+      slope = hard_t + acc_t(2) * c;
+    } else {
+      value = c;
       slope = acc_t(1);
     }
   }
 
-  // A logit s * f(cos) and the margin-free cosine behind it.
-  C10_HOST_DEVICE acc_t logit(acc_t z, bool is_target, acc_t row_scale) const {
-    const acc_t c = cosine(z);
-    if (!is_target) {
-      return filtered(c, false) ? acc_t(0) : row_scale * c;
-    }
+  // A logit s * f(cos) from the (class) cosine.
+  C10_HOST_DEVICE acc_t logit(acc_t c, bool is_target, acc_t row_scale) const {
     acc_t value, slope;
-    target(c, value, slope);
+    if (is_target) {
+      value = target(c).value;
+    } else {
+      negative(c, value, slope);
+    }
     return row_scale * value;
+  }
+
+ private:
+  C10_HOST_DEVICE TargetValue<acc_t> finish(TargetValue<acc_t> t) const {
+    if (!exact_gradient) {
+      t.slope = acc_t(1);
+      t.dm2 = t.dm3 = acc_t(0);
+    }
+    return t;
   }
 };
 
-// Backward of one logit. The row's log-sum-exp is row_max + log_sum; with
-// p = exp(logit - row_max - log_sum), dL/dlogit = g_log_sum p + g_target [target].
-// Returns dL/dz; adds dL/dlogit * logit / s (= dL/ds for the row) to `scale_grad`.
+// The backward's per-row values: the logit scale, the log-sum-exp row_max + log_sum, the
+// incoming gradients of log_sum and of the target logit.
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t margin_logit_backward(const Margin<acc_t>& margin, acc_t z,
-                                                   bool is_target, acc_t row_scale,
-                                                   acc_t row_max, acc_t log_sum,
-                                                   acc_t grad_log_sum, acc_t grad_target,
-                                                   acc_t& scale_grad) {
-  const acc_t c = margin.cosine(z);
-  acc_t value = c, slope = acc_t(1);
+struct RowBackward {
+  acc_t scale, max, log_sum, grad_log_sum, grad_target;
+};
+
+// Backward of class j's logit in place over its K sub-centers' z: dL/dz goes to the winning
+// sub-center, 0 to the others. With p = exp(logit - row_max - log_sum),
+// dL/dlogit = g_log_sum p + g_target [target]. Adds dL/dlogit * logit / s (= dL/ds for the
+// row) to `scale_grad`; for the target, writes dL/dm2 and dL/dm3 where asked (non-null).
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline void class_backward(const Margin<acc_t>& margin, scalar_t* z,
+                                           bool is_target, const RowBackward<acc_t>& row,
+                                           acc_t& scale_grad, acc_t* grad_m2, acc_t* grad_m3) {
+  int64_t winner;
+  const acc_t c = margin.class_cosine(z, winner);
+  acc_t value, slope;
+  TargetValue<acc_t> t;
   if (is_target) {
-    margin.target(c, value, slope);
-  } else if (margin.filtered(c, false)) {
-    value = acc_t(0);
-    slope = acc_t(0);
+    t = margin.target(c);
+    value = t.value;
+    slope = t.slope;
+  } else {
+    margin.negative(c, value, slope);
   }
-  const acc_t p = std::exp((row_scale * value - row_max) - log_sum);
-  const acc_t grad_logit = grad_log_sum * p + (is_target ? grad_target : acc_t(0));
+  const acc_t p = std::exp((row.scale * value - row.max) - row.log_sum);
+  const acc_t grad_logit = row.grad_log_sum * p + (is_target ? row.grad_target : acc_t(0));
   scale_grad += grad_logit * value;
-  return grad_logit * row_scale * slope * margin.cosine_slope(z);
+  if (is_target && grad_m2 != nullptr) {
+    *grad_m2 = grad_logit * row.scale * t.dm2;
+  }
+  if (is_target && grad_m3 != nullptr) {
+    *grad_m3 = grad_logit * row.scale * t.dm3;
+  }
+  const acc_t grad_z =
+      grad_logit * row.scale * slope * margin.cosine_slope(static_cast<acc_t>(z[winner]));
+  for (int64_t k = 0; k < margin.sub_centers; ++k) {
+    z[k] = static_cast<scalar_t>(k == winner ? grad_z : acc_t(0));
+  }
 }
 
 // Online log-sum-exp: (max, sum of exp(x - max)). An empty state has sum 0. A NaN logit
@@ -156,14 +252,21 @@ struct MarginOptions {
   double scale, m1, m2, m3, lambda;
   int64_t kind;
   bool exact_gradient, normalize_embeddings, normalize_weight;
-  int64_t chunk_size;
+  int64_t chunk_size;  // classes per chunk (chunk_size * sub_centers weight rows)
   double filter;
+  int64_t sub_centers;
+  at::Tensor row_m2, row_m3, row_hard, row_hard_t;  // per-row overrides [N], or undefined
 
   template <typename acc_t>
   Margin<acc_t> margin() const {
+    const auto rows = [](const at::Tensor& t) {
+      return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+    };
+    const acc_t limit = static_cast<acc_t>(kind == kAdaMargin ? 1.0 - kAdaEps : 1.0);
     return {static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(m3),
-            static_cast<acc_t>(lambda), kind, exact_gradient, normalize_weight,
-            static_cast<acc_t>(filter)};
+            static_cast<acc_t>(lambda), kind, exact_gradient, normalize_weight, limit,
+            static_cast<acc_t>(filter), std::numeric_limits<acc_t>::infinity(), acc_t(0),
+            sub_centers, rows(row_m2), rows(row_m3), rows(row_hard), rows(row_hard_t)};
   }
 };
 
@@ -173,17 +276,22 @@ struct RowState {
   at::Tensor best_cosine, predicted;  // argmax of the margin-free cosine
 };
 
-// Folds the chunk z [N, len] (classes class_start..) into the row state.
+// The backward's per-row tensors [N]: inputs, then outputs (scale: dL/ds, added to; m2, m3:
+// dL/dm2 and dL/dm3, written at the target, undefined when not wanted).
+struct RowGrads {
+  at::Tensor row_max, log_sum, grad_log_sum, grad_target;
+  at::Tensor scale, m2, m3;
+};
+
+// Folds the chunk z [N, len * K] (classes class_start..) into the row state.
 using ForwardEpilogue = void (*)(const at::Tensor& z, int64_t class_start,
                                  const at::Tensor& labels, const at::Tensor& row_scale,
                                  const MarginOptions& options, RowState& state);
 
-// Overwrites z [N, len] with dL/dz and adds each row's dL/ds into scale_grad [N].
+// Overwrites z [N, len * K] with dL/dz and fills the outputs of `grads`.
 using BackwardEpilogue = void (*)(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
-                                  const at::Tensor& row_scale, const at::Tensor& row_max,
-                                  const at::Tensor& log_sum, const at::Tensor& grad_log_sum,
-                                  const at::Tensor& grad_target, const MarginOptions& options,
-                                  at::Tensor& scale_grad);
+                                  const at::Tensor& row_scale, const MarginOptions& options,
+                                  RowGrads& grads);
 
 // The device-neutral chunk loops (margin_softmax.cpp); each device passes its epilogue.
 // Forward returns (row_max, log_sum, target_logit, best_cosine, predicted), each [N]: the
@@ -193,12 +301,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
     const MarginOptions& options, bool labels_in_range, const std::optional<at::Tensor>& rows,
     ForwardEpilogue epilogue);
 
-// Returns (grad_embeddings, grad_weight); an unwanted one is not computed and is [0, D].
-std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_impl(
+// Returns (grad_embeddings, grad_weight, grad_m2, grad_m3); an unwanted one is not computed
+// and is empty ([0, D], or [0] for the margins).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backward_impl(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, const MarginOptions& options, bool embeddings_grad,
-    bool weight_grad, const std::optional<at::Tensor>& rows, BackwardEpilogue epilogue);
+    bool weight_grad, bool margins_grad, const std::optional<at::Tensor>& rows,
+    BackwardEpilogue epilogue);
 
 // The ops' entry points (schemas in facekernels.cpp); each device registers them with its
 // own epilogue.
@@ -207,27 +317,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     double scale, double m1, double m2, double m3, double lambda, int64_t kind,
     bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size,
-    bool labels_in_range, const std::optional<at::Tensor>& rows, double filter) {
+    bool labels_in_range, const std::optional<at::Tensor>& rows, double filter,
+    const std::optional<at::Tensor>& row_m2, const std::optional<at::Tensor>& row_m3,
+    int64_t sub_centers, const std::optional<at::Tensor>& hard_threshold,
+    const std::optional<at::Tensor>& hard_t) {
   return margin_softmax_forward_impl(
       embeddings, weight, labels,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size, filter},
+       chunk_size, filter, sub_centers, row_m2.value_or(at::Tensor()),
+       row_m3.value_or(at::Tensor()), hard_threshold.value_or(at::Tensor()),
+       hard_t.value_or(at::Tensor())},
       labels_in_range, rows, epilogue);
 }
 
 template <BackwardEpilogue epilogue>
-std::tuple<at::Tensor, at::Tensor> margin_softmax_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backward(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, double scale, double m1, double m2, double m3, double lambda,
     int64_t kind, bool exact_gradient, bool normalize_embeddings, bool normalize_weight,
     int64_t chunk_size, bool embeddings_grad, bool weight_grad,
-    const std::optional<at::Tensor>& rows, double filter) {
+    const std::optional<at::Tensor>& rows, double filter, const std::optional<at::Tensor>& row_m2,
+    const std::optional<at::Tensor>& row_m3, int64_t sub_centers,
+    const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_t,
+    bool margins_grad) {
   return margin_softmax_backward_impl(
       grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size, filter},
-      embeddings_grad, weight_grad, rows, epilogue);
+       chunk_size, filter, sub_centers, row_m2.value_or(at::Tensor()),
+       row_m3.value_or(at::Tensor()), hard_threshold.value_or(at::Tensor()),
+       hard_t.value_or(at::Tensor())},
+      embeddings_grad, weight_grad, margins_grad, rows, epilogue);
 }
 
 }  // namespace facekernels

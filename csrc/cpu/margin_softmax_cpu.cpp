@@ -12,11 +12,11 @@ namespace {
 void forward_epilogue_cpu(const at::Tensor& z, int64_t class_start, const at::Tensor& labels,
                           const at::Tensor& row_scale, const MarginOptions& options,
                           RowState& state) {
-  const int64_t n = z.size(0), length = z.size(1);
+  const int64_t n = z.size(0), k = options.sub_centers, length = z.size(1) / k;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_forward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const Margin<acc_t> margin = options.margin<acc_t>();
+        const Margin<acc_t> margins = options.margin<acc_t>();
         const scalar_t* zp = z.const_data_ptr<scalar_t>();
         const int64_t* label = labels.const_data_ptr<int64_t>();
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
@@ -27,15 +27,17 @@ void forward_epilogue_cpu(const at::Tensor& z, int64_t class_start, const at::Te
         int64_t* predicted = state.predicted.mutable_data_ptr<int64_t>();
         at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
-            const scalar_t* row = zp + i * length;
+            const Margin<acc_t> margin = margins.for_row(i);
+            const scalar_t* row = zp + i * length * k;
             const int64_t target = label[i] - class_start;
             OnlineLse<acc_t> lse{row_max[i], row_sum[i]};
             ArgMax<acc_t> best{best_cosine[i], predicted[i]};
             for (int64_t j = 0; j < length; ++j) {
-              const acc_t zj = static_cast<acc_t>(row[j]);
-              const acc_t logit = margin.logit(zj, j == target, scale[i]);
+              int64_t winner;
+              const acc_t c = margin.class_cosine(row + j * k, winner);
+              const acc_t logit = margin.logit(c, j == target, scale[i]);
               lse.push(logit);
-              best.push(margin.cosine(zj), class_start + j);
+              best.push(c, class_start + j);
               if (j == target) {
                 target_logit[i] = logit;
               }
@@ -50,32 +52,34 @@ void forward_epilogue_cpu(const at::Tensor& z, int64_t class_start, const at::Te
 }
 
 void backward_epilogue_cpu(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
-                           const at::Tensor& row_scale, const at::Tensor& row_max,
-                           const at::Tensor& log_sum, const at::Tensor& grad_log_sum,
-                           const at::Tensor& grad_target, const MarginOptions& options,
-                           at::Tensor& scale_grad) {
-  const int64_t n = z.size(0), length = z.size(1);
+                           const at::Tensor& row_scale, const MarginOptions& options,
+                           RowGrads& grads) {
+  const int64_t n = z.size(0), k = options.sub_centers, length = z.size(1) / k;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const Margin<acc_t> margin = options.margin<acc_t>();
+        const Margin<acc_t> margins = options.margin<acc_t>();
         scalar_t* zp = z.mutable_data_ptr<scalar_t>();
         const int64_t* label = labels.const_data_ptr<int64_t>();
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
-        const acc_t* max = row_max.const_data_ptr<acc_t>();
-        const acc_t* lsum = log_sum.const_data_ptr<acc_t>();
-        const acc_t* g_lsum = grad_log_sum.const_data_ptr<acc_t>();
-        const acc_t* g_target = grad_target.const_data_ptr<acc_t>();
-        acc_t* s_grad = scale_grad.mutable_data_ptr<acc_t>();
+        const acc_t* max = grads.row_max.const_data_ptr<acc_t>();
+        const acc_t* lsum = grads.log_sum.const_data_ptr<acc_t>();
+        const acc_t* g_lsum = grads.grad_log_sum.const_data_ptr<acc_t>();
+        const acc_t* g_target = grads.grad_target.const_data_ptr<acc_t>();
+        acc_t* s_grad = grads.scale.mutable_data_ptr<acc_t>();
+        acc_t* m2_grad = grads.m2.defined() ? grads.m2.mutable_data_ptr<acc_t>() : nullptr;
+        acc_t* m3_grad = grads.m3.defined() ? grads.m3.mutable_data_ptr<acc_t>() : nullptr;
         at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
-            scalar_t* row = zp + i * length;
+            const Margin<acc_t> margin = margins.for_row(i);
+            const RowBackward<acc_t> r{scale[i], max[i], lsum[i], g_lsum[i], g_target[i]};
+            scalar_t* row = zp + i * length * k;
             const int64_t target = label[i] - class_start;
             acc_t row_scale_grad = 0;
             for (int64_t j = 0; j < length; ++j) {
-              row[j] = static_cast<scalar_t>(margin_logit_backward<acc_t>(
-                  margin, static_cast<acc_t>(row[j]), j == target, scale[i], max[i], lsum[i],
-                  g_lsum[i], g_target[i], row_scale_grad));
+              class_backward<scalar_t, acc_t>(margin, row + j * k, j == target, r, row_scale_grad,
+                                              m2_grad ? m2_grad + i : nullptr,
+                                              m3_grad ? m3_grad + i : nullptr);
             }
             s_grad[i] += row_scale_grad;
           }

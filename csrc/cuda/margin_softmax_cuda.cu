@@ -34,21 +34,23 @@ struct MergeSummaries {
 template <typename scalar_t, typename acc_t>
 __global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z, int64_t length,
                                         int64_t class_start, const int64_t* __restrict__ labels,
-                                        const acc_t* __restrict__ row_scale, Margin<acc_t> margin,
+                                        const acc_t* __restrict__ row_scale, Margin<acc_t> margins,
                                         acc_t* __restrict__ row_max, acc_t* __restrict__ row_sum,
                                         acc_t* __restrict__ target_logit,
                                         acc_t* __restrict__ best_cosine,
                                         int64_t* __restrict__ predicted) {
-  const int64_t i = blockIdx.x;
-  const scalar_t* row = z + i * length;
+  const int64_t i = blockIdx.x, k = margins.sub_centers;
+  const Margin<acc_t> margin = margins.for_row(i);
+  const scalar_t* row = z + i * length * k;
   const int64_t target = labels[i] - class_start;
   const acc_t scale = row_scale[i];
   RowSummary<acc_t> mine;
   for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
-    const acc_t zj = static_cast<acc_t>(row[j]);
-    const acc_t logit = margin.logit(zj, j == target, scale);
+    int64_t winner;
+    const acc_t c = margin.class_cosine(row + j * k, winner);
+    const acc_t logit = margin.logit(c, j == target, scale);
     mine.lse.push(logit);
-    mine.best.push(margin.cosine(zj), class_start + j);
+    mine.best.push(c, class_start + j);
     if (j == target) {
       target_logit[i] = logit;
     }
@@ -66,6 +68,7 @@ __global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z, int64_t 
   }
 }
 
+// The row's target is one class, so one thread writes its margin gradients.
 template <typename scalar_t, typename acc_t>
 __global__ void backward_epilogue_kernel(scalar_t* __restrict__ z, int64_t length,
                                          int64_t class_start, const int64_t* __restrict__ labels,
@@ -74,17 +77,20 @@ __global__ void backward_epilogue_kernel(scalar_t* __restrict__ z, int64_t lengt
                                          const acc_t* __restrict__ log_sum,
                                          const acc_t* __restrict__ grad_log_sum,
                                          const acc_t* __restrict__ grad_target,
-                                         Margin<acc_t> margin, acc_t* __restrict__ scale_grad) {
-  const int64_t i = blockIdx.x;
-  scalar_t* row = z + i * length;
+                                         Margin<acc_t> margins, acc_t* __restrict__ scale_grad,
+                                         acc_t* __restrict__ m2_grad,
+                                         acc_t* __restrict__ m3_grad) {
+  const int64_t i = blockIdx.x, k = margins.sub_centers;
+  const Margin<acc_t> margin = margins.for_row(i);
+  scalar_t* row = z + i * length * k;
   const int64_t target = labels[i] - class_start;
-  const acc_t scale = row_scale[i], max = row_max[i], lsum = log_sum[i];
-  const acc_t g_lsum = grad_log_sum[i], g_target = grad_target[i];
+  const RowBackward<acc_t> r{row_scale[i], row_max[i], log_sum[i], grad_log_sum[i],
+                             grad_target[i]};
   acc_t mine = 0;
   for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
-    row[j] = static_cast<scalar_t>(margin_logit_backward<acc_t>(
-        margin, static_cast<acc_t>(row[j]), j == target, scale, max, lsum, g_lsum, g_target,
-        mine));
+    class_backward<scalar_t, acc_t>(margin, row + j * k, j == target, r, mine,
+                                    m2_grad ? m2_grad + i : nullptr,
+                                    m3_grad ? m3_grad + i : nullptr);
   }
   using Reduce = cub::BlockReduce<acc_t, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
@@ -97,7 +103,7 @@ __global__ void backward_epilogue_kernel(scalar_t* __restrict__ z, int64_t lengt
 void forward_epilogue_cuda(const at::Tensor& z, int64_t class_start, const at::Tensor& labels,
                            const at::Tensor& row_scale, const MarginOptions& options,
                            RowState& state) {
-  const int64_t n = z.size(0), length = z.size(1);
+  const int64_t n = z.size(0), length = z.size(1) / options.sub_centers;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_forward_cuda", [&] {
@@ -114,21 +120,22 @@ void forward_epilogue_cuda(const at::Tensor& z, int64_t class_start, const at::T
 }
 
 void backward_epilogue_cuda(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
-                            const at::Tensor& row_scale, const at::Tensor& row_max,
-                            const at::Tensor& log_sum, const at::Tensor& grad_log_sum,
-                            const at::Tensor& grad_target, const MarginOptions& options,
-                            at::Tensor& scale_grad) {
-  const int64_t n = z.size(0), length = z.size(1);
+                            const at::Tensor& row_scale, const MarginOptions& options,
+                            RowGrads& grads) {
+  const int64_t n = z.size(0), length = z.size(1) / options.sub_centers;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const auto optional_out = [](at::Tensor& t) {
+          return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr;
+        };
         backward_epilogue_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
             z.mutable_data_ptr<scalar_t>(), length, class_start, labels.const_data_ptr<int64_t>(),
-            row_scale.const_data_ptr<acc_t>(), row_max.const_data_ptr<acc_t>(),
-            log_sum.const_data_ptr<acc_t>(), grad_log_sum.const_data_ptr<acc_t>(),
-            grad_target.const_data_ptr<acc_t>(),
-            options.margin<acc_t>(), scale_grad.mutable_data_ptr<acc_t>());
+            row_scale.const_data_ptr<acc_t>(), grads.row_max.const_data_ptr<acc_t>(),
+            grads.log_sum.const_data_ptr<acc_t>(), grads.grad_log_sum.const_data_ptr<acc_t>(),
+            grads.grad_target.const_data_ptr<acc_t>(), options.margin<acc_t>(),
+            grads.scale.mutable_data_ptr<acc_t>(), optional_out(grads.m2), optional_out(grads.m3));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }

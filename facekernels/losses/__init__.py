@@ -1,5 +1,12 @@
 """Loss modules to drop into training code, one file per family."""
 
+from facekernels.losses.adaptive_heads import (
+    AdaFaceLoss,
+    CurricularFaceLoss,
+    ElasticFaceLoss,
+    MagFaceLoss,
+    SubCenterArcFaceLoss,
+)
 from facekernels.losses.center_ring import CenterLoss, RingLoss, ring_loss
 from facekernels.losses.margin_heads import (
     ArcFaceLoss,
@@ -13,16 +20,21 @@ from facekernels.losses.margin_heads import (
 from facekernels.losses.metric import ContrastiveLoss, TripletMarginLoss
 
 __all__ = [
+    "AdaFaceLoss",
     "ArcFaceLoss",
     "CenterLoss",
     "CombinedMarginLoss",
     "ContrastiveLoss",
     "CosFaceLoss",
+    "CurricularFaceLoss",
+    "ElasticFaceLoss",
     "JointIdentificationVerificationLoss",
     "L2SoftmaxLoss",
+    "MagFaceLoss",
     "RingLoss",
     "SoftmaxLoss",
     "SphereFaceLoss",
+    "SubCenterArcFaceLoss",
     "TripletMarginLoss",
     "ring_loss",
 ]

@@ -7,19 +7,26 @@ from torch import nn
 
 from facekernels.ops.checks import check_embeddings, check_number, check_sizes
 from facekernels.ops.contrastive import verification_loss
-from facekernels.ops.margin_softmax import check_chunk_size, check_modes, fused_margin_loss
+from facekernels.ops.margin_softmax import (
+    COMBINED,
+    SPHERE,
+    check_chunk_size,
+    check_modes,
+    fused_margin_loss,
+)
 
 
 class _MarginSoftmaxHead(nn.Module):
     """A classifier weight [C, D] (one row per identity, N(0, 0.01) as insightface) and the
     fused margin-softmax cross entropy over it. Subclasses fix the margin."""
 
-    kind = 0  # combined margin; SphereFaceLoss sets 1
+    kind = COMBINED
     normalize_embeddings = True
     normalize_weight = True
     scale_name = "scale"  # the argument's name in the subclass's constructor
 
-    def __init__(self, num_classes, embedding_size, scale, gradient, reduction, chunk_size):
+    def __init__(self, num_classes, embedding_size, scale, gradient, reduction, chunk_size,
+                 sub_centers=1):
         super().__init__()
         owner = type(self).__name__
         check_sizes(owner, num_classes, embedding_size)
@@ -31,11 +38,14 @@ class _MarginSoftmaxHead(nn.Module):
         self.gradient = gradient
         self.reduction = reduction
         self.chunk_size = chunk_size
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size).normal_(0.0, 0.01))
+        self.sub_centers = sub_centers  # weight rows per class, class-major
+        self.weight = nn.Parameter(
+            torch.empty(num_classes * self.sub_centers, embedding_size).normal_(0.0, 0.01))
 
     def margins(self):
         """(m1, m2, m3, sphere_lambda) of the target logit."""
         return 1.0, 0.0, 0.0, 0.0
+
 
     def forward(self, embeddings, labels, return_predictions=False):
         """The loss (and, with return_predictions, each row's argmax class of the
@@ -44,6 +54,10 @@ class _MarginSoftmaxHead(nn.Module):
 
     def loss(self, embeddings, labels, weight, return_predictions=False):
         """This head's loss over a given classifier weight (forward passes .weight)."""
+        return self.fused_loss(embeddings, labels, weight, return_predictions)
+
+    def fused_loss(self, embeddings, labels, weight, return_predictions, **batch_options):
+        """The fused op with this head's options and the batch's (per-row margins...)."""
         m1, m2, m3, sphere_lambda = self.margins()
         return fused_margin_loss(
             embeddings, weight, labels, kind=self.kind, scale=self.scale, m1=m1, m2=m2,
@@ -51,19 +65,25 @@ class _MarginSoftmaxHead(nn.Module):
             normalize_embeddings=self.normalize_embeddings,
             normalize_weight=self.normalize_weight, reduction=self.reduction,
             chunk_size=self.chunk_size, return_predictions=return_predictions,
+            sub_centers=self.sub_centers, **batch_options,
         )
+
+    def check_embeddings(self, owner, embeddings):
+        """Embeddings [N, embedding_size] on the weight's device, for this head's methods."""
+        check_embeddings(owner, embeddings)
+        if embeddings.shape[1] != self.embedding_size or embeddings.device != self.weight.device:
+            raise ValueError(f"{owner}: embeddings must have {self.embedding_size} columns on "
+                             f"{self.weight.device}, got shape {tuple(embeddings.shape)} on "
+                             f"{embeddings.device}")
 
     @torch.no_grad()
     def get_logits(self, embeddings):
         """Margin-free logits [N, C] for inference (this one does build N x C)."""
-        owner = f"{type(self).__name__}.get_logits"
-        check_embeddings(owner, embeddings)
-        if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"{owner}: embeddings must have {self.embedding_size} columns, got "
-                             f"shape {tuple(embeddings.shape)}")
+        self.check_embeddings(f"{type(self).__name__}.get_logits", embeddings)
         x = F.normalize(embeddings, dim=1) if self.normalize_embeddings else embeddings
         w = F.normalize(self.weight, dim=1) if self.normalize_weight else self.weight
-        return self.scale * F.linear(x.to(w.dtype), w)
+        logits = self.scale * F.linear(x.to(w.dtype), w)
+        return logits.view(len(x), self.num_classes, self.sub_centers).amax(2)
 
     def extra_repr(self):
         return (
@@ -117,7 +137,7 @@ class SphereFaceLoss(_MarginSoftmaxHead):
     forward in training mode and is saved in the state dict. (Under torch.compile each new
     lambda re-specializes the graph until lambda reaches lambda_min.)"""
 
-    kind = 1
+    kind = SPHERE
     normalize_embeddings = False
 
     def __init__(self, num_classes, embedding_size, margin=4, scale=1.0, lambda_base=1000.0,

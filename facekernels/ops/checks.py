@@ -64,3 +64,12 @@ def check_sizes(owner, num_classes, embedding_size):
     for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+def check_label_range(op, labels, num_classes):
+    """Labels in [0, num_classes), for Python code that indexes with them before the op's
+    own check (one sync on a GPU)."""
+    low, high = torch.aminmax(labels)
+    if low < 0 or high >= num_classes:
+        bound = f"min {int(low)}" if low < 0 else f"max {int(high)}"
+        raise ValueError(f"{op}: labels must be int64 with values in [0, {num_classes}), got {bound}")

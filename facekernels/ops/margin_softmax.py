@@ -12,7 +12,7 @@ from facekernels.ops.checks import (
 )
 
 _OP = "margin_softmax_loss"
-_COMBINED, _SPHERE = 0, 1
+COMBINED, SPHERE, ADAFACE, EASY = 0, 1, 2, 3  # margin_kind
 _REDUCTIONS = ("mean", "sum", "none")
 _GRADIENTS = ("exact", "detached")
 # Bytes of one [N, chunk] block of fp32 logits: about the L2 cache on a Hopper GPU, a
@@ -62,40 +62,62 @@ def _(embeddings, weight, labels, *options):
 def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, scale, m1, m2,
       m3, sphere_lambda, margin_kind, exact_gradient, normalize_embeddings, normalize_weight,
       chunk_size, embeddings_grad=True, weight_grad=True, rows=None,
-      interclass_filtering_threshold=0.0):
+      interclass_filtering_threshold=0.0, row_m2=None, row_m3=None, sub_centers=1,
+      hard_threshold=None, hard_t=None, margins_grad=False):
     def gradient(t, wanted):
         shape = t.shape if wanted else (0, t.shape[1])
         return t.new_empty(shape)
 
-    return gradient(embeddings, embeddings_grad), gradient(weight, weight_grad)
+    def margin_gradient(t):
+        n = embeddings.shape[0] if margins_grad and t is not None else 0
+        return row_max.new_empty((n,))
+
+    return (gradient(embeddings, embeddings_grad), gradient(weight, weight_grad),
+            margin_gradient(row_m2), margin_gradient(row_m3))
+
+
+# The forward's arguments after labels that the backward takes again, by position
+# (scale .. chunk_size), and those it takes by name after labels_in_range, with defaults:
+# the dispatcher drops trailing arguments equal to their defaults from `inputs`.
+_NUM_OPTIONS = 10
+_EXTRAS = {"rows": None, "interclass_filtering_threshold": 0.0, "row_m2": None, "row_m3": None,
+           "sub_centers": 1, "hard_threshold": None, "hard_t": None}
+_M2_INDEX = 4 + _NUM_OPTIONS + list(_EXTRAS).index("row_m2")  # row_m3 follows
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels, *options, _labels_in_range, rows, threshold = inputs
+    embeddings, weight, labels = inputs[:3]
+    ctx.options = inputs[3:3 + _NUM_OPTIONS]
+    extras = {**_EXTRAS, **dict(zip(_EXTRAS, inputs[4 + _NUM_OPTIONS:]))}
+    tensors = [extras.pop(name) for name in ("rows", "row_m2", "row_m3", "hard_threshold", "hard_t")]
     row_max, log_sum, _, best_cosine, predicted = output
-    ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, rows)
-    ctx.options, ctx.threshold = options, threshold  # the backward's options
+    ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, *tensors)
+    ctx.extras = extras  # the non-tensor ones
     # row_max only shifts log_sum; the loss log_sum + row_max - target does not depend on it.
     ctx.mark_non_differentiable(row_max, best_cosine, predicted)
 
 
 def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicted):
-    embeddings, weight, labels, row_max, log_sum, rows = ctx.saved_tensors
+    embeddings, weight, labels, row_max, log_sum, rows, row_m2, row_m3, hard, hard_t = ctx.saved_tensors
     if grad_log_sum is None:
         grad_log_sum = torch.zeros_like(log_sum)
     if grad_target is None:
         grad_target = torch.zeros_like(log_sum)
-    embeddings_grad, weight_grad = ctx.needs_input_grad[:2]
-    grad_embeddings, grad_weight = torch.ops.facekernels.margin_softmax_backward(
+    needs = ctx.needs_input_grad + (False,) * (_M2_INDEX + 2 - len(ctx.needs_input_grad))
+    margins_grad = needs[_M2_INDEX] or needs[_M2_INDEX + 1]
+    grad_embeddings, grad_weight, grad_m2, grad_m3 = torch.ops.facekernels.margin_softmax_backward(
         grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *ctx.options,
-        embeddings_grad=embeddings_grad, weight_grad=weight_grad, rows=rows,
-        interclass_filtering_threshold=ctx.threshold,
+        embeddings_grad=needs[0], weight_grad=needs[1], rows=rows, row_m2=row_m2,
+        row_m3=row_m3, hard_threshold=hard, hard_t=hard_t, margins_grad=margins_grad, **ctx.extras,
     )
-    return (
-        grad_embeddings if ctx.needs_input_grad[0] else None,
-        grad_weight if ctx.needs_input_grad[1] else None,
-        *([None] * (4 + len(ctx.options))),
-    )
+    grads = [None] * len(ctx.needs_input_grad)
+    grads[0] = grad_embeddings if needs[0] else None
+    grads[1] = grad_weight if needs[1] else None
+    if needs[_M2_INDEX]:
+        grads[_M2_INDEX] = grad_m2.to(row_m2.dtype)
+    if needs[_M2_INDEX + 1]:
+        grads[_M2_INDEX + 1] = grad_m3.to(row_m3.dtype)
+    return tuple(grads)
 
 
 torch.library.register_autograd(
@@ -103,19 +125,50 @@ torch.library.register_autograd(
 )
 
 
+def _check_row_values(name, values, embeddings):
+    """None, or a floating [N] tensor on the embeddings' device."""
+    if values is None:
+        return
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError(f"{_OP}: {name} must be a floating-point tensor, got {values!r:.80}")
+    if values.shape != embeddings.shape[:1] or values.device != embeddings.device:
+        raise ValueError(f"{_OP}: {name} must have shape [{embeddings.shape[0]}] on "
+                         f"{embeddings.device}, got {tuple(values.shape)} on {values.device}")
+
+
+def check_sub_centers(owner, name, sub_centers):
+    if not isinstance(sub_centers, int) or isinstance(sub_centers, bool) or sub_centers < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {sub_centers!r}")
+    return sub_centers
+
+
 def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, sphere_lambda,
                         gradient, normalize_embeddings, normalize_weight, chunk_size,
-                        labels_in_range=True, rows=None, interclass_filtering_threshold=0.0):
+                        labels_in_range=True, rows=None, interclass_filtering_threshold=0.0,
+                        row_m2=None, row_m3=None, sub_centers=1, hard_threshold=None,
+                        hard_t=None):
     """Per row (row_max, log_sum, target_logit, predicted) of the fused op: the softmax's
-    log-sum-exp is row_max + log_sum, and the loss log_sum + (row_max - target_logit). A
-    class shard (distributed.PartialFC) passes labels_in_range=False (labels outside
+    log-sum-exp is row_max + log_sum, and the loss log_sum + (row_max - target_logit).
+
+    A class shard (distributed.PartialFC) passes labels_in_range=False (labels outside
     [0, C) are other shards' classes: target 0) and, when it samples classes, their sorted
     indices as rows (labels then index rows), and may filter similar non-target classes
-    (interclass_filtering_threshold > 0: a non-target cosine above it gives logit 0)."""
+    (interclass_filtering_threshold > 0: a non-target cosine above it gives logit 0).
+    The adaptive heads pass per-row margins row_m2 / row_m3 ([N], differentiable), K
+    sub_centers per class (weight [C * K, D], class-major), or CurricularFace's per-row
+    hard_threshold and hard_t (a non-target cosine c above hard_threshold_i becomes
+    c (hard_t_i + c); tensors, so that a compiled graph does not specialize on t).
+    """
     _check_tensors(embeddings, weight, labels)
     check_choice(_OP, "gradient", gradient, _GRADIENTS)
+    check_sub_centers(_OP, "sub_centers", sub_centers)
+    for name, values in (("row_m2", row_m2), ("row_m3", row_m3),
+                         ("hard_threshold", hard_threshold), ("hard_t", hard_t)):
+        _check_row_values(name, values, embeddings)
+    if (hard_threshold is None) != (hard_t is None):
+        raise ValueError(f"{_OP}: hard_threshold and hard_t go together")
     if chunk_size is None:
-        chunk_size = default_chunk_size(embeddings.shape[0], embeddings.device)
+        chunk_size = max(1, default_chunk_size(embeddings.shape[0], embeddings.device) // sub_centers)
     else:
         check_chunk_size(_OP, chunk_size)
     device_type = embeddings.device.type
@@ -141,17 +194,26 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
         labels_in_range,
         rows,
         check_number(_OP, "interclass_filtering_threshold", interclass_filtering_threshold),
+        row_m2,
+        row_m3,
+        sub_centers,
+        hard_threshold,
+        hard_t,
     )
     return row_max, log_sum, target_logit, predicted
 
 
-def fused_margin_loss(embeddings, weight, labels, *, reduction, return_predictions, **options):
-    """The common path of every margin-softmax flavour; see margin_softmax_loss."""
+def fused_margin_loss(embeddings, weight, labels, *, reduction, return_predictions,
+                      penalty=None, **options):
+    """The common path of every margin-softmax flavour; see margin_softmax_loss. penalty:
+    a per-row term [N] added to each row's loss before the reduction (MagFace's g)."""
     check_modes(reduction, options["gradient"])
     row_max, log_sum, target_logit, predicted = margin_softmax_rows(embeddings, weight, labels, **options)
     # The target is usually the largest logit: subtracting it from the max first keeps a
     # small loss accurate (lse - target would cancel two large numbers).
     loss = log_sum + (row_max - target_logit)
+    if penalty is not None:
+        loss = loss + penalty
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":
@@ -201,7 +263,7 @@ def margin_softmax_loss(
     Extra memory: the two gradients, N x chunk logits and chunk x D weight rows; never N x C.
     """
     return fused_margin_loss(
-        embeddings, weight, labels, kind=_COMBINED, scale=scale, m1=m1, m2=m2, m3=m3,
+        embeddings, weight, labels, kind=COMBINED, scale=scale, m1=m1, m2=m2, m3=m3,
         sphere_lambda=0.0, gradient=gradient, normalize_embeddings=normalize_embeddings,
         normalize_weight=True, reduction=reduction, chunk_size=chunk_size,
         return_predictions=return_predictions,
@@ -228,7 +290,7 @@ def sphereface_loss(
     Other arguments as margin_softmax_loss.
     """
     return fused_margin_loss(
-        embeddings, weight, labels, kind=_SPHERE, scale=scale, m1=margin, m2=0.0, m3=0.0,
+        embeddings, weight, labels, kind=SPHERE, scale=scale, m1=margin, m2=0.0, m3=0.0,
         sphere_lambda=lambda_, gradient=gradient, normalize_embeddings=normalize_embeddings,
         normalize_weight=True, reduction=reduction, chunk_size=chunk_size,
         return_predictions=return_predictions,

@@ -1,5 +1,14 @@
 """Pure-PyTorch reference implementations of every facekernels loss: the parity oracles."""
 
+from .adaptive_heads import (
+    adaface_loss,
+    curricularface_loss,
+    elasticface_loss,
+    elasticface_margins,
+    magface_loss,
+    subcenter_arcface_loss,
+    subcenter_dominant,
+)
 from .center_loss import center_loss, center_loss_update
 from .contrastive import double_margin_contrastive_loss, pairwise_contrastive_loss
 from .deepid2 import joint_identification_verification_loss
@@ -19,13 +28,18 @@ from .softmax import l2_softmax_loss, softmax_cross_entropy
 from .triplet import mine_triplets, pairwise_distance, triplet_margin_loss
 
 __all__ = [
+    "adaface_loss",
     "arcface_loss",
     "center_loss",
     "center_loss_update",
     "cosface_loss",
+    "curricularface_loss",
     "double_margin_contrastive_loss",
+    "elasticface_loss",
+    "elasticface_margins",
     "joint_identification_verification_loss",
     "l2_softmax_loss",
+    "magface_loss",
     "margin_logits",
     "margin_softmax_loss",
     "mine_triplets",
@@ -38,5 +52,7 @@ __all__ = [
     "sphereface_logits",
     "sphereface_loss",
     "sphereface_psi",
+    "subcenter_arcface_loss",
+    "subcenter_dominant",
     "triplet_margin_loss",
 ]
