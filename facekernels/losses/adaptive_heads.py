@@ -231,7 +231,8 @@ class ElasticFaceLoss(_AdaptiveHead):
     official code (row i gets the sorted margins' entry at the i-th largest cosine's
     row index). margin defaults to the official 0.5 for "arc", 0.35 for "cos". Eval mode
     uses `margin` for every row. generator: a torch.Generator for the draws (on any device;
-    the margins move to the embeddings' device)."""
+    the margins move to the embeddings' device); torch.compile cannot trace one, so a
+    compiled module should leave it None (the global RNG)."""
 
     def __init__(self, num_classes, embedding_size, margin=None, std=0.0125, scale=64.0,
                  kind="arc", plus=False, generator=None, reduction="mean", chunk_size=None):
