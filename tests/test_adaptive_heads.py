@@ -296,6 +296,25 @@ def test_bad_labels_leave_the_running_state_untouched(device):
             assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("name", ["curricularface", "adaface"])
+def test_a_nan_embedding_makes_only_its_own_loss_nan(device, name):
+    """The running statistics come from the finite rows: the other rows' losses and the
+    buffers are those of the batch without the NaN row."""
+    module = HEADS[name].module(10, 8).to(device)
+    module.reduction = "none"
+    module(*make_batch(6, 8, 10, device, torch.float32))
+    without = copy.deepcopy(module)
+    x, y = make_batch(6, 8, 10, device, torch.float32, seed=1)
+    keep = torch.arange(6, device=device) != 2
+    expected = without(x[keep], y[keep])
+    x[2, 3] = float("nan")
+    losses = module(x, y)
+    assert torch.isnan(losses[2])
+    torch.testing.assert_close(losses[keep], expected)
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, without.state_dict()[key], msg=key)
+
+
 def test_adaface_needs_two_rows_to_train_but_not_to_evaluate():
     module = facekernels.AdaFaceLoss(10, 8)
     x, y = make_batch(1, 8, 10, "cpu", torch.float32)

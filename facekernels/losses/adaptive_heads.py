@@ -34,6 +34,23 @@ def _target_cosines(embeddings, weight, labels):
     return (x * w).sum(1).clamp(-1.0, 1.0)
 
 
+def _finite_mean_std(values):
+    """Mean and unbiased std of the finite entries: a NaN row (whose own loss is NaN) must
+    not make every other row's margin NaN."""
+    finite = values.isfinite()
+    count = finite.sum()
+    mean = torch.where(finite, values, 0).sum() / count
+    squares = torch.where(finite, values - mean, 0).square().sum()
+    return mean, (squares / (count - 1)).sqrt()
+
+
+def _running(old, batch_value, rate):
+    """The EMA step rate * batch_value + (1 - rate) * old, or old where that is not finite
+    (no finite row in the batch): a buffer once NaN would poison every later batch."""
+    new = rate * batch_value.to(old.dtype) + (1 - rate) * old
+    return torch.where(new.isfinite(), new, old)
+
+
 class _AdaptiveHead(_MarginSoftmaxHead):
     """A margin head whose op inputs depend on the batch (exact gradients, as the official
     heads). batch_options returns them with the running statistics' new values, which are
@@ -66,8 +83,9 @@ class CurricularFaceLoss(_AdaptiveHead):
     cos theta_y - m sin m past pi), and every non-target cosine c above the row's
     cos(theta_y + m) (a hard negative) becomes c (t + c), so hard negatives weigh more as
     training advances. t is a running buffer: in training mode, before each forward uses it,
-    t <- 0.01 mean_i cos(theta_{y_i}) + 0.99 t (no gradient; saved in the state dict). In
-    eval mode t is used as is (the official head updates it on every call)."""
+    t <- 0.01 mean_i cos(theta_{y_i}) + 0.99 t (no gradient; saved in the state dict; the
+    mean over finite rows, so a NaN embedding makes only its own loss NaN). In eval mode t
+    is used as is (the official head updates it on every call)."""
 
     def __init__(self, num_classes, embedding_size, margin=0.5, scale=64.0, reduction="mean",
                  chunk_size=None):
@@ -82,7 +100,7 @@ class CurricularFaceLoss(_AdaptiveHead):
 
     def batch_options(self, embeddings, labels, weight):
         cosines = _target_cosines(embeddings, weight, labels)
-        t = 0.01 * cosines.mean().to(self.t.dtype) + 0.99 * self.t if self.training else self.t
+        t = _running(self.t, _finite_mean_std(cosines)[0], 0.01) if self.training else self.t
         # The official mask compares with cos(theta + m) itself, not the fallback target.
         sines = (1.0 - cosines * cosines).sqrt()
         threshold = cosines * math.cos(self.margin) - sines * math.sin(self.margin)
@@ -100,7 +118,8 @@ class AdaFaceLoss(_AdaptiveHead):
 
     mean and std are running buffers (initial 20 and 100, as the official head), updated
     in training mode before use: mean <- t_alpha mean_i n_i + (1 - t_alpha) mean, std
-    likewise with the batch's unbiased std (so training batches need two rows or more).
+    likewise with the batch's unbiased std (so training batches need two rows or more; both
+    over the finite rows, so a NaN embedding makes only its own loss NaN).
     t_alpha = 0.01 is the official training default (the official class defaults to 1)."""
 
     kind = ADAFACE
@@ -127,9 +146,9 @@ class AdaFaceLoss(_AdaptiveHead):
                 if len(norms) < 2:
                     raise ValueError("AdaFaceLoss: a training batch needs at least 2 rows for "
                                      f"the norm's standard deviation, got {len(norms)}")
-                a = self.t_alpha
-                mean = a * norms.mean().to(mean.dtype) + (1 - a) * mean
-                std = a * norms.std().to(std.dtype) + (1 - a) * std
+                batch_mean, batch_std = _finite_mean_std(norms)
+                mean = _running(mean, batch_mean, self.t_alpha)
+                std = _running(std, batch_std, self.t_alpha)
                 updates = [(self.batch_mean, mean), (self.batch_std, std)]
             z = (self.h * (norms - mean) / (std + 1e-3)).clip(-1.0, 1.0)
         return {"row_m2": -self.margin * z, "row_m3": self.margin + self.margin * z}, updates
