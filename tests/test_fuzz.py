@@ -183,6 +183,63 @@ def test_sphereface_iteration_moves_only_on_success(device, data):
     assert_policy(lambda: head(x, y), invalid, check, state=lambda: (head.iteration,))
 
 
+# name -> (module, reference over (the state dict before the call, x, w, y)); the
+# scale is small so that fp32 rows compare at the fuzz tolerance.
+ADAPTIVE_HEADS = {
+    "curricularface": (lambda c, d: facekernels.CurricularFaceLoss(c, d, scale=4.0),
+                       lambda m, x, w, y: reference.curricularface_loss(
+                           x, w, y, m["t"], scale=4.0, reduction="none")[0]),
+    "adaface": (lambda c, d: facekernels.AdaFaceLoss(c, d, scale=4.0, t_alpha=0.5),
+                lambda m, x, w, y: reference.adaface_loss(
+                    x, w, y, m["batch_mean"], m["batch_std"], scale=4.0, t_alpha=0.5, reduction="none")[0]),
+    "magface": (lambda c, d: facekernels.MagFaceLoss(c, d, scale=4.0),
+                lambda m, x, w, y: reference.magface_loss(x, w, y, scale=4.0, reduction="none")),
+    "subcenter": (lambda c, d: facekernels.SubCenterArcFaceLoss(c, d, k=2, scale=4.0),
+                  lambda m, x, w, y: reference.subcenter_arcface_loss(x, w, y, k=2, scale=4.0, reduction="none")),
+    "elasticface": (lambda c, d: facekernels.ElasticFaceLoss(c, d, scale=4.0).eval(),  # fixed margins
+                    lambda m, x, w, y: reference.elasticface_loss(
+                        x, w, y, torch.full((len(y),), 0.5, dtype=x.dtype, device=x.device),
+                        scale=4.0, reduction="none")),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_adaptive_heads(device, data):
+    """Bad input leaves the running buffers bitwise unchanged; otherwise NaN exactly in the
+    non-finite rows, and the other rows as the reference on the finite rows alone (the
+    running statistics ignore a NaN row)."""
+    draw = data.draw
+    name = draw(st.sampled_from(list(ADAPTIVE_HEADS)))
+    make, oracle = ADAPTIVE_HEADS[name]
+    x, finite = draw(embeddings())
+    n, d = x.shape
+    c = draw(st.integers(1, 5))
+    head = make(c, max(d, 1)).to(device, torch.float64)
+    head.reduction = "none"
+    y = labels(draw, n, -1, c)
+    invalid = embedding_problems(x)
+    if n == 0:
+        invalid.add("embeddings")
+    if y.dtype != torch.int64 or (n and (int(y.min()) < 0 or int(y.max()) >= c)):
+        invalid.add("labels")
+    if name == "adaface" and n == 1:
+        invalid.add("2 rows")
+    x, y = x.to(device), y.to(device)
+    before = {key: value.clone() for key, value in head.state_dict().items()}
+
+    def check(loss):
+        assert torch.equal(loss.isnan().cpu(), ~finite)
+        rows = finite.to(device)
+        if name == "adaface" and int(rows.sum()) < 2:
+            return  # no batch std from one row: the buffers stay as they were
+        want = oracle(before, x[rows].double(), head.weight.double(), y[rows])
+        torch.testing.assert_close(loss[rows].double(), want, rtol=2e-2, atol=2e-2)
+
+    assert_policy(lambda: head(x, y), invalid, check,
+                  state=lambda: tuple(value.clone() for value in head.state_dict().values()))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_metric_losses_and_miner(device, data):

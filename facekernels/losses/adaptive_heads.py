@@ -24,6 +24,13 @@ def _accumulate(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _norms(embeddings):
+    """Row norms in the accumulate type, summed in fp64 so that a finite fp32 row never
+    overflows to inf (that happens from 1.8e19 on)."""
+    return torch.linalg.vector_norm(embeddings, dim=1, dtype=torch.float64).to(
+        _accumulate(embeddings[:0]).dtype)
+
+
 @torch.no_grad()
 def _target_cosines(embeddings, weight, labels):
     """cos(x_i, w_{y_i}) [N] in fp32 (fp64 for fp64), clamped to [-1, 1], no gradient.
@@ -141,7 +148,9 @@ class AdaFaceLoss(_AdaptiveHead):
     def batch_options(self, embeddings, labels, weight):
         mean, std, updates = self.batch_mean, self.batch_std, []
         with torch.no_grad():
-            norms = torch.linalg.vector_norm(_accumulate(embeddings), dim=1).clip(0.001, 100.0)
+            raw = _norms(embeddings)
+            # A non-finite row is NaN here, not clipped to 100: it joins no statistic.
+            norms = torch.where(raw.isfinite(), raw.clip(0.001, 100.0), math.nan)
             if self.training:
                 if len(norms) < 2:
                     raise ValueError("AdaFaceLoss: a training batch needs at least 2 rows for "
@@ -185,7 +194,7 @@ class MagFaceLoss(_AdaptiveHead):
         return 1.0, self.l_m, 0.0, 0.0  # shown by repr; the op takes per-row margins
 
     def batch_options(self, embeddings, labels, weight):
-        a = torch.linalg.vector_norm(_accumulate(embeddings), dim=1).clamp(self.l_a, self.u_a)
+        a = _norms(embeddings).clamp(self.l_a, self.u_a)
         m = self.l_m + (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a)
         g = a / self.u_a**2 + 1.0 / a
         return {"row_m2": m, "penalty": self.lambda_g * g}, []
