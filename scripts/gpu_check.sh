@@ -28,8 +28,9 @@ tests_rc=${PIPESTATUS[0]}
   2>&1 | tail -12
 train_rc=${PIPESTATUS[0]}
 
-# GPU benchmarks: every center-loss and triplet shape, ArcFace at N=512 (C = 100K and 1M).
-"$python" -m pytest benchmarks -k "cuda and (center_loss or triplet or 512-512)" \
+# GPU benchmarks: every center-loss and triplet shape, ArcFace at N=512 (C = 100K and 1M),
+# the adaptive heads at N=512, D=512, C=1M.
+"$python" -m pytest benchmarks -k "cuda and (center_loss or triplet or 512-512 or adaptive_head)" \
   --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$out/benchmarks.json" 2>&1 | tee "$out/benchmarks.log" \
   | sed -n '/facekernels vs the alternatives/,/^$/p'

@@ -284,6 +284,30 @@ def test_half_precision_is_no_worse_than_reference(device, name, dtype):
         assert_no_worse_than_reference(a, b, t)
 
 
+@pytest.mark.parametrize("name", ["curricularface", "adaface", "magface", "subcenter"])
+def test_autocast_bf16_keeps_fp32_loss_and_gradients(device, name):
+    """bf16 GEMMs under autocast, fp32 master weight and margins: close to the fp64 truth."""
+    spec = HEADS[name]
+    module = spec.module(200, 32).to(device)
+    truth_state = spec.state(module.double())
+    module.float()
+    x, y = make_batch(64, 32, 200, device, torch.float32)
+    x.requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = module(x, y)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert module.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    xd = x.detach().double().requires_grad_()
+    wd = module.weight.detach().double().requires_grad_()
+    truth, _ = spec.reference(xd, wd, y, {k: v.double() for k, v in truth_state.items()}, "mean")
+    truth.backward()
+    assert abs(loss.item() - truth.item()) < 0.02 * abs(truth.item())
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(module.weight.grad.flatten().double(), wd.grad.flatten(), dim=0) > 0.99
+    assert cos(x.grad.flatten().double(), xd.grad.flatten(), dim=0) > 0.99
+
+
 def test_bad_labels_leave_the_running_state_untouched(device):
     for name in ("curricularface", "adaface"):
         module = HEADS[name].module(10, 8).to(device)
