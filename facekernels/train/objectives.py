@@ -1,6 +1,7 @@
 """The trainer's losses, each runnable two ways on the same parameters: through facekernels'
 fused modules or through the pure-PyTorch reference functions."""
 
+import copy
 from types import SimpleNamespace
 
 import torch
@@ -11,8 +12,10 @@ from facekernels import reference
 from facekernels.distributed import PartialFC
 from facekernels.losses import ring_loss
 
+# The heads after ArcFace: per-sample margins or reshaped negatives, some with running state.
+ADAPTIVE = ("curricularface", "adaface", "magface", "subcenter", "elasticface")
 LOSSES = ("softmax", "l2softmax", "ring", "center", "sphereface", "cosface", "arcface",
-          "combined", "contrastive", "triplet", "deepid2")
+          "combined", "contrastive", "triplet", "deepid2") + ADAPTIVE
 MINING = ("all", "semihard", "hard", "batch_hard", "facenet")
 IMPLS = ("reference", "facekernels")
 
@@ -73,6 +76,12 @@ class Objective(nn.Module):
             "triplet": lambda: facekernels.TripletMarginLoss(margin=0.2, mining=mining),
             "deepid2": lambda: facekernels.JointIdentificationVerificationLoss(
                 c, d, margin=1.0, verification_weight=0.05),
+            "curricularface": lambda: facekernels.CurricularFaceLoss(c, d, scale=MARGIN_SCALE),
+            "adaface": lambda: facekernels.AdaFaceLoss(c, d, scale=MARGIN_SCALE),
+            "magface": lambda: facekernels.MagFaceLoss(c, d, scale=MARGIN_SCALE),
+            "subcenter": lambda: facekernels.SubCenterArcFaceLoss(c, d, k=3, scale=MARGIN_SCALE),
+            "elasticface": lambda: facekernels.ElasticFaceLoss(
+                c, d, scale=MARGIN_SCALE, generator=torch.Generator().manual_seed(0)),
         }
         self.head = heads[loss]()
         if loss == "ring":
@@ -97,7 +106,14 @@ class Objective(nn.Module):
         if impl != "reference":
             raise ValueError(f"--impl must be one of {IMPLS}, got {impl!r}")
         tensors = self.tensors()
-        loss = self.reference_loss(embeddings, labels, tensors)
+        if self.loss in ADAPTIVE:
+            loss, state = self._adaptive_reference(embeddings, labels, tensors["weight"], advance=self.training)
+            if self.training:
+                with torch.no_grad():
+                    for name, value in state.items():
+                        getattr(self.head, name).copy_(value.reshape(1))
+        else:
+            loss = self.reference_loss(embeddings, labels, tensors)
         if self.training and self.loss == "center":
             with torch.no_grad():
                 self.center.centers.copy_(reference.center_loss_update(
@@ -125,6 +141,9 @@ class Objective(nn.Module):
         center update, no SphereFace step), for the float64 parity check."""
         if self.loss in ("contrastive", "triplet"):
             return self.head(e, y)
+        if self.loss in ADAPTIVE:
+            # On a copy in e's dtype: its running state and margin draws stay untouched.
+            return copy.deepcopy(self.head).to(e.dtype).loss(e, y, tensors["weight"])
         loss = self.head.loss(e, y, tensors["weight"])
         if self.distributed:
             return loss
@@ -160,5 +179,35 @@ class Objective(nn.Module):
                 e, y, pos_margin=head.pos_margin, neg_margin=head.neg_margin)
         if self.loss == "triplet":
             return reference.triplet_margin_loss(e, y, margin=head.margin, mining=self.mining)
+        if self.loss in ADAPTIVE:
+            return self._adaptive_reference(e, y, w, advance=False)[0]
         return reference.joint_identification_verification_loss(
             e, w, y, margin=head.margin, verification_weight=head.verification_weight)
+
+    def _adaptive_reference(self, e, y, w, advance):
+        """(loss, the running state after this step) of an adaptive head's reference, from
+        the head's state before it. ElasticFace draws the margins the head would draw next,
+        from its generator (advanced only with `advance`)."""
+        head = self.head
+        if self.loss == "curricularface":
+            loss, t = reference.curricularface_loss(e, w, y, head.t, margin=head.margin, scale=head.scale)
+            return loss, {"t": t}
+        if self.loss == "adaface":
+            loss, mean, std = reference.adaface_loss(e, w, y, head.batch_mean, head.batch_std,
+                                                     margin=head.margin, h=head.h, scale=head.scale,
+                                                     t_alpha=head.t_alpha)
+            return loss, {"batch_mean": mean, "batch_std": std}
+        if self.loss == "magface":
+            return reference.magface_loss(e, w, y, scale=head.scale, l_a=head.l_a, u_a=head.u_a,
+                                          l_m=head.l_m, u_m=head.u_m, lambda_g=head.lambda_g,
+                                          easy_margin=head.easy_margin), {}
+        if self.loss == "subcenter":
+            return reference.subcenter_arcface_loss(e, w, y, k=head.sub_centers, margin=head.margin,
+                                                    scale=head.scale), {}
+        generator = head.generator if advance else copy.deepcopy(head.generator)
+        if self.training:
+            margins = torch.empty(len(y), dtype=e.dtype).normal_(head.margin, head.std, generator=generator)
+        else:
+            margins = torch.full((len(y),), head.margin, dtype=e.dtype)
+        return reference.elasticface_loss(e, w, y, margins.to(e.device), kind=head.elastic_kind,
+                                          scale=head.scale, plus=head.plus), {}
