@@ -6,7 +6,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from facekernels.losses.margin_heads import ArcFaceLoss, _MarginSoftmaxHead
 from facekernels.ops.checks import (
@@ -96,8 +95,7 @@ class CurricularFaceLoss(_AdaptiveHead):
 
     def __init__(self, num_classes, embedding_size, margin=0.5, scale=64.0, reduction="mean",
                  chunk_size=None):
-        self_name = "CurricularFaceLoss"
-        margin = check_number(self_name, "margin", margin)
+        margin = check_number("CurricularFaceLoss", "margin", margin)
         super().__init__(num_classes, embedding_size, scale, reduction, chunk_size)
         self.margin = margin
         self.register_buffer("t", torch.zeros(1))
