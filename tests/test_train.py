@@ -8,6 +8,7 @@ import torch
 
 from facekernels.train import data
 from facekernels.train import cli
+from facekernels.train.model import EmbeddingNet
 from facekernels.train.objectives import LOSSES, Objective
 
 ATT = Path(__file__).resolve().parents[2] / "shared" / "data" / "att_faces"
@@ -75,6 +76,71 @@ def test_open_set_split_separates_people():
     assert held.num_people == 3 and train.num_people == 9
     assert not set(train.names) & set(held.names)
     assert int(train.labels.max()) == 8 and int(held.labels.max()) == 2
+
+
+def test_fold_splits_hold_out_every_person_once():
+    faces = data.synthetic_faces(11, 2)
+    splits = data.fold_splits(faces, 3, seed=4)
+    held = [set(h.names) for _, h in splits]
+    assert sorted(len(h) for h in held) == [3, 4, 4]  # as even as 11 people allow
+    assert set().union(*held) == set(faces.names) and sum(map(len, held)) == faces.num_people
+    for (train, held_out), names in zip(splits, held):
+        assert set(train.names) == set(faces.names) - names  # everyone else trains
+        assert int(train.labels.max()) == train.num_people - 1 and int(held_out.labels.max()) == len(names) - 1
+        assert len(train.labels) + len(held_out.labels) == len(faces.labels)
+    again = data.fold_splits(faces, 3, seed=4)
+    assert [h.names for _, h in again] == [h.names for _, h in splits]
+    assert torch.equal(again[1][0].images, splits[1][0].images)
+    assert [h.names for _, h in data.fold_splits(faces, 3, seed=5)] != [h.names for _, h in splits]
+    # The first group is the one a single split by --holdout 1/K holds out.
+    assert data.open_set_split(faces, 1 / 3, seed=4)[1].names == splits[0][1].names
+
+
+@pytest.mark.parametrize("folds", [0, 1, 6])
+def test_fold_splits_refuse_groups_too_small_to_verify(folds):
+    with pytest.raises(ValueError, match="folds"):
+        data.fold_splits(data.synthetic_faces(11, 2), folds, seed=0)
+
+
+def test_folds_train_from_scratch_and_report_mean_and_std(tmp_path, capsys):
+    report_path, plot_path = tmp_path / "report.json", tmp_path / "folds.png"
+    report = cli.run(["--loss", "cosface", "--folds", "2", "--epochs", "1", "--report", str(report_path),
+                      "--plot", str(plot_path)])
+    assert json.loads(report_path.read_text()) == json.loads(json.dumps(report))
+    assert plot_path.stat().st_size > 1000
+    folds = report["folds"]
+    assert len(folds) == 2 and "impls" not in report
+    assert not set(folds[0]["held_out"]) & set(folds[1]["held_out"])
+    assert len(folds[0]["held_out"]) + len(folds[1]["held_out"]) == 40  # the synthetic faces' people
+    for fold in folds:
+        assert set(fold["impls"]) == {"reference", "facekernels"}
+        assert set(fold["baselines"]) == {"raw_pixels", "eigenfaces"}
+        assert fold["parity"]["max_rel_loss_diff"] <= 1e-5
+    summary = report["summary"]
+    assert set(summary["impls"]) == {"reference", "facekernels"}
+    assert set(summary["baselines"]) == {"raw_pixels", "eigenfaces"}
+    verifications = {("impls", impl): [fold["impls"][impl]["verification"] for fold in folds]
+                     for impl in ("reference", "facekernels")}
+    verifications["baselines", "eigenfaces"] = [fold["baselines"]["eigenfaces"] for fold in folds]
+    for (group, name), per_fold in verifications.items():
+        accuracies = [v["accuracy"] for v in per_fold]
+        entry = summary[group][name]
+        assert entry["accuracies"] == accuracies
+        assert entry["accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
+        assert entry["accuracy_std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2)
+    for key in ("parity", "parity_fp64"):
+        assert report[key] == {field: max(fold[key][field] for fold in folds) for field in folds[0][key]}
+    out = capsys.readouterr().out
+    assert "fold 1/2: held out" in out and "fold 2/2: held out" in out and "over the 2 folds" in out
+
+
+def test_embedding_norm_is_free_to_carry_signal():
+    # AdaFace and MagFace read quality from the embedding's norm: no unit-norm last layer.
+    torch.manual_seed(0)
+    model = EmbeddingNet(16).eval()
+    with torch.no_grad():
+        norms = model(torch.rand(8, 1, *data.CROP_SIZE)).norm(dim=1)
+    assert float(norms.std() / norms.mean()) > 1e-3
 
 
 @pytest.mark.parametrize("loss", LOSSES)

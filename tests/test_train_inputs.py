@@ -63,6 +63,31 @@ def test_too_few_verification_pairs(tmp_path, capsys):
     assert "give 4 verification pairs, fewer than the 10 folds" in line
 
 
+def test_valid_folds_reach_training(tmp_path):
+    data = faces(tmp_path / "faces", [4] * 6)
+    with pytest.raises(AssertionError, match="training started"):
+        cli.run(["--data", str(data), "--folds", "3"])
+
+
+def test_more_folds_than_groups_of_two_people(tmp_path, capsys):
+    line = error_line(["--data", str(faces(tmp_path, [4] * 7)), "--folds", "4"], capsys)
+    assert line == ("--folds 4: 7 people make at most 3 held-out groups of two or more people "
+                    "(verification pairs need two people in each group)\n")
+
+
+def test_a_fold_with_a_single_photo_person(tmp_path, capsys):
+    line = error_line(["--data", str(faces(tmp_path, [4] * 5 + [1])), "--folds", "2"], capsys)
+    assert "of 2: every held-out person needs two photos or more" in line
+    assert "1 of 3 have a single photo: person_5 (people are held out at random by --folds and --seed)" in line
+
+
+def test_folds_too_small_for_the_protocol(tmp_path, capsys):
+    # Four folds of two people with two photos each: 4 pairs per fold.
+    line = error_line(["--data", str(faces(tmp_path, [2] * 8)), "--folds", "4"], capsys)
+    assert line == ("fold 1 of 4: the 2 held-out people give 4 verification pairs, fewer than the 10 folds "
+                    "of the protocol: add people or photos, or lower --folds\n")
+
+
 def test_folder_named_like_an_image_is_refused(tmp_path, capsys):
     data = faces(tmp_path / "faces", [4] * 6)
     (data / "person_0" / "9.png").mkdir()
@@ -140,6 +165,11 @@ def test_plot_format_matplotlib_cannot_write(tmp_path, capsys):
     (["--holdout", "1"], "argument --holdout: expected a number in (0, 1), got '1'"),
     (["--seed", str(2**64)], f"argument --seed: expected an integer in [-2^63, 2^64), got '{2**64}'"),
     (["--mining", "hard"], "--mining applies to --loss triplet only, got --loss arcface"),
+    (["--folds", "0"], "argument --folds: expected an integer >= 1, got '0'"),
+    (["--folds", "-2"], "argument --folds: expected an integer >= 1, got '-2'"),
+    (["--folds", "41"], "--folds 41: 40 people make at most 20 held-out groups"),  # the synthetic faces
+    (["--folds", "4", "--holdout", "0.3"],
+     "--holdout applies to --folds 1 only: --folds 4 holds out each person once"),
     (["--loss", "nope"], "argument --loss: invalid choice: 'nope'"),
 ])
 def test_options_out_of_range(capsys, argv, expected):

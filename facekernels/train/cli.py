@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from facekernels.train import baselines
-from facekernels.train.data import image_folder, open_set_split, synthetic_faces
+from facekernels.train.data import fold_splits, image_folder, open_set_split, synthetic_faces
 from facekernels.train.loop import Config, initial_state, train, verification_pairs
 from facekernels.train.objectives import DISTRIBUTED_MARGINS, IMPLS, LOSSES, MINING, training_defaults
 
@@ -82,7 +82,11 @@ def parse_args(argv):
                    help="an ImageFolder tree, one folder per person, two photos or more for each "
                         "held-out person (default: built-in synthetic faces)")
     p.add_argument("--holdout", type=_number(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
-                   default=0.25, help="fraction of people held out for verification")
+                   help="fraction of people held out for verification, with --folds 1 (default: 0.25)")
+    p.add_argument("--folds", type=positive_int, default=1,
+                   help="split the people into K disjoint held-out groups and train from scratch once "
+                        "per group, on everyone else; report the mean and std over the K folds "
+                        "(default: 1, one split by --holdout)")
     p.add_argument("--embedding-size", type=positive_int, default=defaults.embedding_size)
     p.add_argument("--epochs", type=positive_int, help="default: per loss, see objectives.TRAINING_DEFAULTS")
     p.add_argument("--batch-size", type=positive_int, default=64,
@@ -104,6 +108,9 @@ def parse_args(argv):
     if args.mining is not None and args.loss != "triplet":
         p.error(f"--mining applies to --loss triplet only, got --loss {args.loss}")
     args.mining = args.mining or defaults.mining
+    if args.holdout is not None and args.folds > 1:
+        p.error(f"--holdout applies to --folds 1 only: --folds {args.folds} holds out each person once")
+    args.holdout = 0.25 if args.holdout is None else args.holdout
     tuned = training_defaults(args.loss)
     args.epochs = tuned["epochs"] if args.epochs is None else args.epochs
     args.lr = tuned["lr"] if args.lr is None else args.lr
@@ -132,6 +139,14 @@ def parse_args(argv):
     return p, args
 
 
+def _table(rows):
+    """Rows of strings as aligned columns, a rule under the first."""
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def summary_table(report):
     rows = [("impl", "verif. acc", "TAR@FAR=1e-1", "EER", "AUC", "step ms", "loss ms", "peak MB")]
     for name, run in report["impls"].items():
@@ -144,24 +159,60 @@ def summary_table(report):
         rows.append((f"baseline: {name}", f"{v['accuracy']:.3f} +- {v['accuracy_std']:.3f}",
                      f"{v['tar_at_far'].get('1e-1', float('nan')):.3f}", f"{v['eer']:.3f}",
                      f"{v['roc_auc']:.3f}", "", "", ""))
-    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _table(rows)
 
 
-def plot(report, runs, path):
+def folds_table(summary):
+    """Mean +- std over the folds, then each fold's accuracy."""
+    any_entry = next(iter(summary["baselines"].values()))
+    folds = len(any_entry["accuracies"])
+    rows = [("impl", "verif. acc, mean +- std over folds", *(f"fold {k + 1}" for k in range(folds)),
+             "EER", "AUC", "step ms", "loss ms")]
+    for group, prefix in (("impls", ""), ("baselines", "baseline: ")):
+        for name, entry in summary[group].items():
+            rows.append((prefix + name, f"{entry['accuracy_mean']:.3f} +- {entry['accuracy_std']:.3f}",
+                         *(f"{a:.3f}" for a in entry["accuracies"]), f"{entry['eer_mean']:.3f}",
+                         f"{entry['roc_auc_mean']:.3f}",
+                         f"{entry['step_ms']:.1f}" if "step_ms" in entry else "",
+                         f"{entry['loss_ms']:.2f}" if "loss_ms" in entry else ""))
+    return _table(rows)
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def fold_summary(folds):
+    """Per impl and baseline over the folds' reports: the mean and the standard deviation
+    (population, as the 10-fold protocol's) of the verification accuracy, each fold's
+    accuracy, the mean EER and AUC; per impl also the mean step and loss times."""
+    def over_folds(verifications):
+        accuracy = torch.tensor([v["accuracy"] for v in verifications], dtype=torch.float64)
+        return {"accuracy_mean": float(accuracy.mean()), "accuracy_std": float(accuracy.std(correction=0)),
+                "accuracies": accuracy.tolist(), "eer_mean": _mean([v["eer"] for v in verifications]),
+                "roc_auc_mean": _mean([v["roc_auc"] for v in verifications])}
+
+    impls = {name: {**over_folds([f["impls"][name]["verification"] for f in folds]),
+                    "step_ms": _mean([f["impls"][name]["step_ms"] for f in folds]),
+                    "loss_ms": _mean([f["impls"][name]["loss_ms"] for f in folds])}
+             for name in folds[0]["impls"]}
+    baselines = {name: over_folds([f["baselines"][name] for f in folds]) for name in folds[0]["baselines"]}
+    return {"impls": impls, "baselines": baselines}
+
+
+def plot(loss, runs, path):
+    """Loss curves and ROC of each run in `runs` ({label: RunResult})."""
     import matplotlib.pyplot as plt  # present: parse_args checked
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, run in runs.items():
         left.plot(run.losses, label=name, alpha=0.8)
         right.plot(*run.roc, label=f"{name} (AUC {run.verification['roc_auc']:.3f})")
-    left.set(title=f"training loss ({report['loss']})", xlabel="step", ylabel="loss")
+    left.set(title=f"training loss ({loss})", xlabel="step", ylabel="loss")
     right.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     right.set(title="ROC, held-out people", xlabel="false accept rate", ylabel="true accept rate")
-    left.legend()
-    right.legend(loc="lower right")
+    left.legend(fontsize="small" if len(runs) > 2 else None)
+    right.legend(loc="lower right", fontsize="small" if len(runs) > 2 else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -191,32 +242,28 @@ def run(argv):
             dist.destroy_process_group()
 
 
-def _run(parser, args, write):
-    try:
-        faces = image_folder(args.data) if args.data is not None else synthetic_faces(seed=args.seed)
+def _splits(args, faces):
+    """[(training set, held-out set, verification pairs)], one per fold; ValueError when
+    a fold cannot be scored."""
+    if args.folds == 1:
         train_set, held_out = open_set_split(faces, args.holdout, args.seed)
-        pairs = verification_pairs(held_out, args.seed)
-    except ValueError as error:
-        parser.error(str(error))
-    config = Config(loss=args.loss, mining=args.mining, embedding_size=args.embedding_size,
-                    epochs=args.epochs, people_per_batch=args.batch_size // args.per_person,
-                    per_person=args.per_person, lr=args.lr, weight_decay=args.weight_decay,
-                    seed=args.seed, device=args.device, amp=args.amp, distributed=args.distributed)
-    config.people_per_batch = min(config.people_per_batch, train_set.num_people)
-    source = "built-in synthetic faces" if args.data is None else args.data
-    print(f"data: {source}: {faces.num_people} people, {len(faces.labels)} photos; "
-          f"training on {train_set.num_people} people, verifying on {held_out.num_people} held-out people"
-          + (f"; {dist.get_world_size()} ranks" if args.distributed else ""))
+        return [(train_set, held_out, verification_pairs(held_out, args.seed))]
+    splits = []
+    for k, (train_set, held_out) in enumerate(fold_splits(faces, args.folds, args.seed)):
+        try:
+            splits.append((train_set, held_out, verification_pairs(held_out, args.seed, "--folds")))
+        except ValueError as error:
+            raise ValueError(f"fold {k + 1} of {args.folds}: {error}") from error
+    return splits
 
+
+def train_fold(config, impls, train_set, held_out, pairs, fold=""):
+    """Every impl from one initial state, and the baselines, on one split of the people:
+    (the runs by impl, this split's report). `fold` ("2/4") labels the progress bars."""
     state = initial_state(config, train_set.num_people)
-    impls = IMPLS if args.impl == "both" else (args.impl,)
-    runs = {impl: train(config, train_set, held_out, impl, state, parity=impl == "facekernels")
+    runs = {impl: train(config, train_set, held_out, impl, state, parity=impl == "facekernels", fold=fold)
             for impl in impls}
     report = {
-        "loss": args.loss if args.loss != "triplet" else f"triplet ({args.mining})",
-        "data": source,
-        "config": dataclasses.asdict(config),
-        "world_size": dist.get_world_size() if args.distributed else 1,
         "impls": {impl: run.to_json() for impl, run in runs.items()},
         "baselines": {"raw_pixels": baselines.raw_pixels(held_out, pairs),
                       "eigenfaces": baselines.eigenfaces(train_set, held_out, pairs)},
@@ -227,11 +274,82 @@ def _run(parser, args, write):
     if len(runs) == 2:
         report["speedup"] = runs["reference"].step_ms / runs["facekernels"].step_ms
         report["loss_speedup"] = runs["reference"].loss_ms / runs["facekernels"].loss_ms
+    return runs, report
+
+
+def _across_folds(folds):
+    """The report's summary of K folds: mean and std per impl and baseline, the parity
+    maxima over every fold, the speed-ups of the mean times."""
+    report = {"summary": fold_summary(folds)}
+    for key in ("parity", "parity_fp64"):
+        if key in folds[0]:
+            report[key] = {field: max(f[key][field] for f in folds) for field in folds[0][key]}
+    impls = report["summary"]["impls"]
+    if len(impls) == 2:
+        report["speedup"] = impls["reference"]["step_ms"] / impls["facekernels"]["step_ms"]
+        report["loss_speedup"] = impls["reference"]["loss_ms"] / impls["facekernels"]["loss_ms"]
+    return report
+
+
+def _run(parser, args, write):
+    try:
+        faces = image_folder(args.data) if args.data is not None else synthetic_faces(seed=args.seed)
+        splits = _splits(args, faces)
+    except ValueError as error:
+        parser.error(str(error))
+    config = Config(loss=args.loss, mining=args.mining, embedding_size=args.embedding_size,
+                    epochs=args.epochs, people_per_batch=args.batch_size // args.per_person,
+                    per_person=args.per_person, lr=args.lr, weight_decay=args.weight_decay,
+                    seed=args.seed, device=args.device, amp=args.amp, distributed=args.distributed)
+    config.people_per_batch = min(config.people_per_batch, *(train_set.num_people for train_set, _, _ in splits))
+    source = "built-in synthetic faces" if args.data is None else args.data
+
+    def people(sets):
+        sizes = sorted({s.num_people for s in sets})
+        return f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+
+    ranks = f"; {dist.get_world_size()} ranks" if args.distributed else ""
+    if args.folds == 1:
+        print(f"data: {source}: {faces.num_people} people, {len(faces.labels)} photos; training on "
+              f"{splits[0][0].num_people} people, verifying on {splits[0][1].num_people} held-out people{ranks}")
+    else:
+        print(f"data: {source}: {faces.num_people} people, {len(faces.labels)} photos; {args.folds} folds: "
+              f"{people(s[1] for s in splits)} held-out people each, training from scratch on the other "
+              f"{people(s[0] for s in splits)}{ranks}")
+
+    impls = IMPLS if args.impl == "both" else (args.impl,)
+    runs, folds = {}, []
+    for k, (train_set, held_out, pairs) in enumerate(splits):
+        if args.folds > 1:
+            print(f"\nfold {k + 1}/{args.folds}: held out {', '.join(held_out.names)}")
+        fold_runs, fold = train_fold(config, impls, train_set, held_out, pairs,
+                                     f"{k + 1}/{args.folds}" if args.folds > 1 else "")
+        if args.folds > 1:
+            print(summary_table(fold))
+            fold = {"held_out": held_out.names, **fold}
+        runs.update({(f"fold {k + 1} {impl}" if args.folds > 1 else impl): run for impl, run in fold_runs.items()})
+        folds.append(fold)
+    report = {
+        "loss": args.loss if args.loss != "triplet" else f"triplet ({args.mining})",
+        "data": source,
+        "config": dataclasses.asdict(config),
+        "world_size": dist.get_world_size() if args.distributed else 1,
+    }
+    if args.folds == 1:
+        report.update(folds[0])
+    else:
+        report.update(folds=folds, **_across_folds(folds))
 
     print()
-    print(summary_table(report))
+    if args.folds == 1:
+        print(summary_table(report))
+    else:
+        print(f"over the {args.folds} folds (each fold's accuracy by the 10-fold protocol on its "
+              f"held-out people):")
+        print(folds_table(report["summary"]))
+    over = "max over the run" if args.folds == 1 else f"max over the {args.folds} folds"
     if "parity" in report:
-        print("\nparity, every step, same batch and parameters (max over the run):")
+        print(f"\nparity, every step, same batch and parameters ({over}):")
         for key, label in (("parity", "training call vs reference, fp32"),
                            ("parity_fp64", "same formulas in float64")):
             p = report[key]
@@ -247,6 +365,6 @@ def _run(parser, args, write):
             json.dump(report, f, indent=2)
         print(f"report: {args.report}")
     if args.plot:
-        plot(report, runs, args.plot)
+        plot(report["loss"], runs, args.plot)
         print(f"plot: {args.plot}")
     return report

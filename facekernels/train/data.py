@@ -124,6 +124,22 @@ def open_set_split(faces, holdout, seed):
     return faces.subset(order[held:].sort().values), faces.subset(order[:held].sort().values)
 
 
+def fold_splits(faces, folds, seed):
+    """The people (not the photos) split into `folds` >= 2 disjoint held-out groups that
+    together cover everyone, sizes within one of each other, drawn from `seed`: one
+    (training set, held-out set) per fold, everyone outside the group training. With the
+    same seed, the first group is the one open_set_split holds out at 1 / folds."""
+    most = faces.num_people // 2  # verification pairs need two people or more in each group
+    if not 2 <= folds <= most:
+        raise ValueError(f"--folds {folds}: {faces.num_people} people make at most {most} held-out groups of "
+                         f"two or more people (verification pairs need two people in each group)"
+                         if folds > most else f"fold_splits: folds must be >= 2, got {folds}")
+    order = torch.randperm(faces.num_people, generator=torch.Generator().manual_seed(seed))
+    everyone = torch.arange(faces.num_people)
+    return [(faces.subset(everyone[~torch.isin(everyone, group)]), faces.subset(group.sort().values))
+            for group in torch.tensor_split(order, folds)]
+
+
 def augment(images, generator):
     """Random crop to CROP_SIZE and random horizontal flip, per image."""
     n = images.shape[0]

@@ -115,10 +115,11 @@ def _check_parity(objective, embeddings, labels, parity_fp64):
     return expected
 
 
-def train(config, train_set, held_out, impl, state, parity=False):
+def train(config, train_set, held_out, impl, state, parity=False, fold=""):
     """Trains from `state` with `impl` ("reference" or "facekernels") and evaluates
     verification on the held-out people. With parity, every step also runs the reference
-    formulas on the same batch (excluded from the timings)."""
+    formulas on the same batch (excluded from the timings). `fold` ("2/4") labels the
+    progress bar."""
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     model = EmbeddingNet(config.embedding_size).to(device)
@@ -145,7 +146,8 @@ def train(config, train_set, held_out, impl, state, parity=False):
                        parity_fp64=Parity() if parity else None)
     step_seconds = loss_seconds = 0.0
     reset_peak(device)
-    bar = tqdm(total=total, desc=f"{config.loss} [{impl}]", disable=None if rank == 0 else True)
+    desc = f"{config.loss} [{impl}]" + (f" fold {fold}" if fold else "")
+    bar = tqdm(total=total, desc=desc, disable=None if rank == 0 else True)
     model.train()
     objective.train()
     for _ in range(config.epochs):
@@ -200,29 +202,35 @@ def train(config, train_set, held_out, impl, state, parity=False):
 
 @torch.no_grad()
 def embed(model, images, device, batch=256):
+    """The embedding of each center crop plus that of its mirror image (flip test-time
+    augmentation, as insightface's verification does: the training crops are flipped at
+    random too). Summed, not normalized: the norm stays the model's."""
     model.eval()
-    chunks = [model(center_crop(images[i:i + batch]).to(device)).float().cpu()
-              for i in range(0, len(images), batch)]
+    chunks = []
+    for i in range(0, len(images), batch):
+        crops = center_crop(images[i:i + batch]).to(device)
+        chunks.append((model(crops) + model(crops.flip(3))).float().cpu())
     return torch.cat(chunks)
 
 
-def verification_pairs(held_out, seed):
+def verification_pairs(held_out, seed, split="--holdout"):
     """The held-out people's verification pairs, the same for every run and baseline.
 
     Raises ValueError when they cannot be scored: a held-out person with a single photo
-    (no positive pair), or fewer pairs than FOLDS."""
+    (no positive pair), or fewer pairs than FOLDS. `split` names the option that held
+    these people out (--holdout or --folds), for the message."""
     photos = torch.bincount(held_out.labels, minlength=held_out.num_people).tolist()
     single = [name for name, count in zip(held_out.names, photos) if count < 2]
     if single:
         raise ValueError(f"every held-out person needs two photos or more for verification pairs; "
                          f"{len(single)} of {held_out.num_people} have a single photo: {', '.join(single[:5])}"
                          f"{', ...' if len(single) > 5 else ''} (people are held out at random by "
-                         f"--holdout and --seed)")
+                         f"{split} and --seed)")
     pairs = make_pairs(held_out.labels, generator=torch.Generator().manual_seed(seed))
     if len(pairs[2]) < FOLDS:
         raise ValueError(f"the {held_out.num_people} held-out people give {len(pairs[2])} verification "
                          f"pairs, fewer than the {FOLDS} folds of the protocol: add people or photos, "
-                         f"or raise --holdout")
+                         f"or {'raise --holdout' if split == '--holdout' else 'lower --folds'}")
     return pairs
 
 
