@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import sys
@@ -9,7 +10,7 @@ import torch
 from facekernels.train import data
 from facekernels.train import cli
 from facekernels.train.model import EmbeddingNet
-from facekernels.train.objectives import LOSSES, Objective
+from facekernels.train.objectives import ADAPTIVE, LOSSES, Objective
 
 ATT = Path(__file__).resolve().parents[2] / "shared" / "data" / "att_faces"
 needs_att = pytest.mark.skipif(not ATT.is_dir(), reason=f"the AT&T faces are not at {ATT}")
@@ -152,6 +153,29 @@ def test_every_loss_matches_its_reference(loss):
     expected = objective.reference_loss(e, y, objective.tensors())
     fused, _ = objective(e, y, "facekernels")
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ADAPTIVE)
+def test_both_impls_train_an_adaptive_head_alike(loss):
+    """Three training steps: the same losses from both impls, and the same running state
+    (CurricularFace's t, AdaFace's norm statistics, ElasticFace's margin draws) after."""
+    torch.manual_seed(0)
+    fused = Objective(loss, num_classes=5, embedding_size=8).double().train()
+    reference = copy.deepcopy(fused)
+    initial = copy.deepcopy(fused.head.state_dict())
+    y = torch.arange(5).repeat_interleave(4)
+    for step in range(3):
+        e = torch.randn(20, 8, dtype=torch.float64) * (step + 2)
+        got, _ = fused(e, y, "facekernels")
+        want, _ = reference(e, y, "reference")
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(fused.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+    moved = [name for name, value in fused.head.state_dict().items()
+             if name != "weight" and not torch.equal(value, initial[name])]
+    assert moved == {"curricularface": ["t"], "adaface": ["batch_mean", "batch_std"]}.get(loss, [])
+    if loss == "elasticface":
+        assert torch.equal(fused.head.generator.get_state(), reference.head.generator.get_state())
 
 
 def test_missing_data_dir_is_named(tmp_path, capsys):
