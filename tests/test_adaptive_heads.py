@@ -256,6 +256,10 @@ def test_torch_compile_fullgraph(device, name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["curricularface", "adaface", "magface", "subcenter", "elasticface_cos"])
 def test_half_precision_is_no_worse_than_reference(device, name, dtype):
+    """Loss and gradients, except sub-center's gradients: they follow the winning
+    sub-center, and in bf16 / fp16 many near-ties are decided otherwise than in fp64 (by
+    either implementation); the loss, a max, is continuous. fp64 and fp32 cover them."""
+    torch.manual_seed(0)
     spec = HEADS[name]
     module = spec.module(200, 32).to(device, F64)
     module.reduction = "none"
@@ -280,13 +284,15 @@ def test_half_precision_is_no_worse_than_reference(device, name, dtype):
     got = run(lambda x, w: copy.deepcopy(module).loss(x, y, w), x.to(dtype), w.to(dtype))
     ref = run(oracle, x.to(dtype), w.to(dtype))
     assert got[0].dtype == torch.float32
-    for a, b, t in zip(got, ref, truth):
+    compared = 1 if name == "subcenter" else 3
+    for a, b, t in list(zip(got, ref, truth))[:compared]:
         assert_no_worse_than_reference(a, b, t)
 
 
 @pytest.mark.parametrize("name", ["curricularface", "adaface", "magface", "subcenter"])
 def test_autocast_bf16_keeps_fp32_loss_and_gradients(device, name):
     """bf16 GEMMs under autocast, fp32 master weight and margins: close to the fp64 truth."""
+    torch.manual_seed(0)
     spec = HEADS[name]
     module = spec.module(200, 32).to(device)
     truth_state = spec.state(module.double())
