@@ -8,26 +8,26 @@ import torch
 import torch.nn.functional as F
 
 from facekernels.losses.margin_heads import ArcFaceLoss, _MarginSoftmaxHead
-from facekernels.ops.checks import (
-    check_choice,
-    check_embeddings,
-    check_label_range,
-    check_labels,
-    check_number,
-    check_rows,
+from facekernels.ops.checks import check_choice, check_label_range, check_labels, check_number
+from facekernels.ops.margin_softmax import (
+    ADAFACE,
+    COMBINED,
+    EASY,
+    accumulate_dtype,
+    check_sub_centers,
+    check_tensors,
 )
-from facekernels.ops.margin_softmax import ADAFACE, COMBINED, EASY, check_sub_centers
 
 
 def _accumulate(t):
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t.to(accumulate_dtype(t.dtype))
 
 
 def _norms(embeddings):
     """Row norms in the accumulate type, summed in fp64 so that a finite fp32 row never
     overflows to inf (that happens from 1.8e19 on)."""
     return torch.linalg.vector_norm(embeddings, dim=1, dtype=torch.float64).to(
-        _accumulate(embeddings[:0]).dtype)
+        accumulate_dtype(embeddings.dtype))
 
 
 @torch.no_grad()
@@ -72,10 +72,7 @@ class _AdaptiveHead(_MarginSoftmaxHead):
         return {}, []
 
     def loss(self, embeddings, labels, weight, return_predictions=False):
-        owner = type(self).__name__
-        check_embeddings(owner, embeddings)
-        check_rows(owner, "weight", weight, embeddings)
-        check_labels(owner, labels, embeddings)
+        check_tensors(embeddings, weight, labels, type(self).__name__)
         options, updates = self.batch_options(embeddings, labels, weight)
         result = self.fused_loss(embeddings, labels, weight, return_predictions, **options)
         with torch.no_grad():
@@ -223,7 +220,7 @@ class SubCenterArcFaceLoss(_AdaptiveHead):
         (ArcFaceLoss with those rows as its weight and this head's margin, scale, reduction
         and chunk size; int64 indices of the samples more than `threshold` degrees from
         their class's dominant sub-center, ascending), to retrain on the clean samples. Reads
-        `rows_per_step` samples at a time; never builds N x C."""
+        `rows_per_step` samples at a time and keeps each one's K cosines; never N x C."""
         owner = "SubCenterArcFaceLoss.drop_sub_centers"
         self.check_embeddings(owner, embeddings)
         check_labels(owner, labels, embeddings)
@@ -236,13 +233,10 @@ class SubCenterArcFaceLoss(_AdaptiveHead):
             x = F.normalize(_accumulate(embeddings[start:start + rows_per_step]), dim=1)
             return torch.einsum("nkd,nd->nk", centers[labels[start:start + rows_per_step]], x)
 
-        starts = range(0, len(labels), rows_per_step)
-        nearest = torch.cat([own_cosines(s).argmax(1) for s in starts])
-        votes = torch.bincount(labels * k + nearest, minlength=c * k).view(c, k)
+        cosines = torch.cat([own_cosines(s) for s in range(0, len(labels), rows_per_step)])
+        votes = torch.bincount(labels * k + cosines.argmax(1), minlength=c * k).view(c, k)
         dominant = votes.argmax(1)
-        far = torch.cat([
-            own_cosines(s).gather(1, dominant[labels[s:s + rows_per_step], None]).squeeze(1)
-            < math.cos(math.radians(threshold)) for s in starts])
+        far = cosines.gather(1, dominant[labels, None]).squeeze(1) < math.cos(math.radians(threshold))
         head = ArcFaceLoss(c, d, margin=self.margin, scale=self.scale, reduction=self.reduction,
                            chunk_size=self.chunk_size).to(self.weight.device, self.weight.dtype)
         head.weight.copy_(self.weight.view(c, k, d)[torch.arange(c, device=dominant.device), dominant])
@@ -277,7 +271,7 @@ class ElasticFaceLoss(_AdaptiveHead):
 
     def batch_options(self, embeddings, labels, weight):
         n = len(labels)
-        dtype = _accumulate(embeddings[:0]).dtype
+        dtype = accumulate_dtype(embeddings.dtype)
         if self.training:
             device = self.generator.device if self.generator is not None else embeddings.device
             drawn = torch.empty(n, dtype=dtype, device=device).normal_(

@@ -46,7 +46,6 @@ class _MarginSoftmaxHead(nn.Module):
         """(m1, m2, m3, sphere_lambda) of the target logit."""
         return 1.0, 0.0, 0.0, 0.0
 
-
     def forward(self, embeddings, labels, return_predictions=False):
         """The loss (and, with return_predictions, each row's argmax class of the
         margin-free logits, for the training accuracy)."""

@@ -26,11 +26,11 @@ def default_chunk_size(num_rows, device):
     return max(128, budget // (4 * max(num_rows, 1)) // 128 * 128)
 
 
-def _check_tensors(embeddings, weight, labels):
-    """Checks that need no data, shared by eager calls and the fake kernel."""
-    check_embeddings(_OP, embeddings)
-    check_rows(_OP, "weight", weight, embeddings)
-    check_labels(_OP, labels, embeddings)
+def check_tensors(embeddings, weight, labels, owner=_OP):
+    """Checks that need no data, shared by eager calls, the fake kernel and the heads."""
+    check_embeddings(owner, embeddings)
+    check_rows(owner, "weight", weight, embeddings)
+    check_labels(owner, labels, embeddings)
 
 
 def check_chunk_size(owner, chunk_size):
@@ -45,15 +45,16 @@ def check_modes(reduction, gradient):
     check_choice(_OP, "gradient", gradient, _GRADIENTS)
 
 
-def _accumulate_dtype(dtype):
+def accumulate_dtype(dtype):
+    """The dtype the op sums in for inputs of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("facekernels::margin_softmax_forward")
 def _(embeddings, weight, labels, *options):
-    _check_tensors(embeddings, weight, labels)
+    check_tensors(embeddings, weight, labels)
     n = embeddings.shape[0]
-    acc = _accumulate_dtype(embeddings.dtype)
+    acc = accumulate_dtype(embeddings.dtype)
     rows = [embeddings.new_empty((n,), dtype=acc) for _ in range(4)]
     return (*rows, embeddings.new_empty((n,), dtype=torch.int64))
 
@@ -159,7 +160,7 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
     hard_threshold and hard_t (a non-target cosine c above hard_threshold_i becomes
     c (hard_t_i + c); tensors, so that a compiled graph does not specialize on t).
     """
-    _check_tensors(embeddings, weight, labels)
+    check_tensors(embeddings, weight, labels)
     check_choice(_OP, "gradient", gradient, _GRADIENTS)
     check_sub_centers(_OP, "sub_centers", sub_centers)
     for name, values in (("row_m2", row_m2), ("row_m3", row_m3),
