@@ -1,75 +1,17 @@
-// Every op schema, in one place, and the Python module that carries the build's identity.
+// The library's op schemas and the Python module that carries the build's identity.
 // Kernels register per device in csrc/cpu/ and csrc/cuda/.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "facekernels_build_info.h"
+#include "schemas.h"
+#include "triplet.h"
 
-TORCH_LIBRARY(facekernels, m) {
-  // Center loss (Wen et al. 2016) in one pass: loss = mean_i 1/2 |x_i - c_{y_i}|^2,
-  // diff = x - c_y (the backward's input) and, when compute_update, each row's class
-  // center moved by Wen's rule (rows of one class hold the same values).
-  m.def(
-      "center_loss_forward(Tensor embeddings, Tensor labels, Tensor centers, float alpha, "
-      "bool compute_update) -> (Tensor loss, Tensor diff, Tensor updated_centers)");
-  m.def(
-      "center_loss_backward(Tensor grad_loss, Tensor diff, Tensor labels, int num_classes, "
-      "bool centers_grad) -> (Tensor grad_embeddings, Tensor grad_centers)");
+TORCH_LIBRARY(facekernels, m) { facekernels::define_ops(m); }
 
-  // Margin-softmax cross entropy over classes chunked chunk_size at a time: per row the
-  // largest logit and log sum_j exp(logit_j - row_max) (a class shard's part of the
-  // log-sum-exp), the target logit, and the argmax of the margin-free cosine. margin_kind 0:
-  // target s (cos(m1 theta + m2) - m3); 1: SphereFace, s (psi_m1(theta) + lambda cos) /
-  // (1 + lambda). labels_in_range: labels must lie in [0, num_classes) (checked, an error
-  // otherwise); false for a class shard, where a label outside means "another shard's
-  // class": no target logit (0). rows (int64, strictly increasing): the op sees the weight
-  // rows weight[rows] only, as PartialFC's sampled classes, without copying them; labels
-  // index rows, and the weight gradient is zero outside them. interclass_filtering_threshold
-  // > 0: a non-target cosine above it gives logit 0 and no gradient (insightface's
-  // PartialFC option against mislabeled classes). margin_kind 2: AdaFace, cosines clamped
-  // to +-(1 - 1e-3), target s (cos(clip(theta + m2, 1e-3, pi - 1e-3)) - m3); 3: kind 0 where
-  // cos > 0, else s cos (the easy margin, MagFace's default). row_m2, row_m3
-  // ([N]): per-row margins in place of m2, m3 (the backward returns d loss / d m per row).
-  // sub_centers K: the weight is [C * K, D] class-major and a class's cosine is the max
-  // over its K rows (chunk_size counts classes). hard_threshold, hard_t ([N]): CurricularFace's
-  // negatives, a non-target cosine c above row i's threshold becomes c (hard_t_i + c).
-  // The loss is log_sum + (row_max - target_logit); row_max is a constant for autograd (the
-  // loss does not depend on it). The backward skips the GEMMs of a gradient that is not
-  // wanted and returns it empty ([0, D], or [0] for the margins).
-  m.def(
-      "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float scale, "
-      "float m1, float m2, float m3, float sphere_lambda, int margin_kind, bool exact_gradient, "
-      "bool normalize_embeddings, bool normalize_weight, int chunk_size, "
-      "bool labels_in_range=True, Tensor? rows=None, float interclass_filtering_threshold=0.0, "
-      "Tensor? row_m2=None, Tensor? row_m3=None, int sub_centers=1, Tensor? hard_threshold=None, "
-      "Tensor? hard_t=None) -> (Tensor row_max, Tensor log_sum, Tensor target_logit, Tensor best_cosine, "
-      "Tensor predicted)");
-  m.def(
-      "margin_softmax_backward(Tensor grad_log_sum, Tensor grad_target, Tensor embeddings, "
-      "Tensor weight, Tensor labels, Tensor row_max, Tensor log_sum, float scale, float m1, "
-      "float m2, float m3, "
-      "float sphere_lambda, int margin_kind, bool exact_gradient, bool normalize_embeddings, "
-      "bool normalize_weight, int chunk_size, bool embeddings_grad=True, bool weight_grad=True, "
-      "Tensor? rows=None, float interclass_filtering_threshold=0.0, Tensor? row_m2=None, "
-      "Tensor? row_m3=None, int sub_centers=1, Tensor? hard_threshold=None, Tensor? hard_t=None, "
-      "bool margins_grad=False) -> (Tensor grad_embeddings, Tensor grad_weight, Tensor grad_m2, "
-      "Tensor grad_m3)");
-
-  // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
-  // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet, 6 every triplet; positives and negatives
-  // index the columns (self_ref: the columns are the rows' own batch, a != p). Returns the
-  // sum of the mined triplets' losses, how many are > 0, how many were mined, and
-  // d loss_sum / d dist. triplet_mine returns the triplets (a, p, n) in lexicographic order.
-  m.def(
-      "triplet_margin_forward(Tensor dist, Tensor labels, Tensor ref_labels, float margin, "
-      "int mining, bool self_ref, bool smooth) -> (Tensor loss_sum, Tensor active, "
-      "Tensor count, Tensor grad_dist)");
-  m.def(
-      "triplet_mine(Tensor dist, Tensor labels, Tensor ref_labels, float margin, int mining, "
-      "bool self_ref) -> (Tensor anchors, Tensor positives, Tensor negatives)");
-  // squared [N, M] (Gram-form squared distances of the rows of x and ref) with the entries
-  // where close holds recomputed exactly from differences.
-  m.def("pairwise_distance_refine(Tensor squared, Tensor close, Tensor x, Tensor ref) -> Tensor");
+// Gathers and ATen reductions only: one kernel serves every device.
+TORCH_LIBRARY_IMPL(facekernels, CompositeExplicitAutograd, m) {
+  m.impl("pairwise_distance_refine", &facekernels::pairwise_distance_refine);
 }
 
 // A real module init, so `import facekernels._C` loads the op registrations above.

@@ -106,8 +106,3 @@ at::Tensor pairwise_distance_refine(const at::Tensor& squared, const at::Tensor&
 }
 
 }  // namespace facekernels
-
-// Gathers and ATen reductions only: one kernel serves every device.
-TORCH_LIBRARY_IMPL(facekernels, CompositeExplicitAutograd, m) {
-  m.impl("pairwise_distance_refine", &facekernels::pairwise_distance_refine);
-}

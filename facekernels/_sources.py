@@ -1,5 +1,6 @@
 """The digest of the C++/CUDA sources. setup.py embeds it in the build and the import
-compares it, so an extension left over from older sources is refused, not run."""
+compares it, so an extension left over from older sources is refused, not run. csrc/simt/
+(the test-only CUDA emulator, not part of the extension) does not count."""
 
 import hashlib
 import os
@@ -9,7 +10,9 @@ SOURCE_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
 
 def sources_digest(root):
     paths = []
-    for folder, _, files in os.walk(root):
+    for folder, subfolders, files in os.walk(root):
+        if folder == root and "simt" in subfolders:
+            subfolders.remove("simt")
         paths += [os.path.join(folder, f) for f in files if f.endswith(SOURCE_SUFFIXES)]
     digest = hashlib.sha256()
     for path in sorted(paths):

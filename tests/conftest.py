@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import simt
+
 # Tolerances for kernel-vs-reference parity in each dtype (DESIGN.md §5). Half precisions,
 # and fp32 where large logit scales amplify rounding, are compared against the reference's
 # own error instead: see assert_no_worse_than_reference.
@@ -14,12 +16,33 @@ TOLERANCES = {
 # luckily exact does not set an unreachable bar.
 NORMWISE_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-6, torch.float16: 1e-6}
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "simt": CPU tensors, with facekernels' kernels replaced by the CUDA kernels run under the
+# SIMT emulator (tests/simt.py), so that every CUDA test also runs without a GPU.
+DEVICES = ["cpu"] + (["simt"] if simt.enabled else []) + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session")
+def simt_library(request):
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    with capture.global_and_fixture_disabled():
+        simt.build(say=lambda line: reporter.write_line(line) if reporter else print(line))
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return torch.device(request.param)
+    if request.param != "simt":
+        yield torch.device(request.param)
+        return
+    request.getfixturevalue("simt_library")
+    with simt.routed(simt.seed_for(request.node.nodeid)):
+        yield torch.device("cpu")
+
+
+def pytest_report_header(config):
+    if simt.enabled:
+        seed = simt.session_seed()
+        return f"facekernels_simt: seed {seed} (FACEKERNELS_SIMT_SEED={seed} replays it)"
 
 
 def assert_close(actual, expected, dtype=None):

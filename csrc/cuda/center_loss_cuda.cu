@@ -1,12 +1,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
-#include <cub/block/block_reduce.cuh>
-
+#include "cuda/runtime.cuh"
 #include "center_loss.h"
 
 namespace facekernels {
@@ -72,13 +67,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_loss_forward_cuda(
     double alpha, bool compute_update) {
   // Checks first: a CPU tensor among CUDA ones gets our message, not the guard's.
   CenterForward f = center_forward_setup(embeddings, labels, centers, compute_update);
-  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const DeviceGuard guard(embeddings.device());
   const int64_t n = f.embeddings.size(0), dim = f.embeddings.size(1);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, f.embeddings.scalar_type(), "center_loss_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        center_forward_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
+        FK_LAUNCH(n, kThreads, stream, center_forward_kernel<scalar_t, acc_t>)(
             f.embeddings.const_data_ptr<scalar_t>(), f.centers.const_data_ptr<scalar_t>(),
             f.sorted_labels.const_data_ptr<int64_t>(), f.members.const_data_ptr<int64_t>(), n,
             dim, static_cast<acc_t>(alpha), f.diff.mutable_data_ptr<scalar_t>(),
@@ -95,13 +90,13 @@ std::tuple<at::Tensor, at::Tensor> center_loss_backward_cuda(const at::Tensor& g
                                                              int64_t num_classes,
                                                              bool centers_grad) {
   CenterBackward b = center_backward_setup(grad_loss, diff, labels, num_classes, centers_grad);
-  const c10::cuda::CUDAGuard guard(diff.device());
+  const DeviceGuard guard(diff.device());
   const int64_t n = b.diff.size(0), dim = b.diff.size(1);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, b.diff.scalar_type(), "center_loss_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        center_backward_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
+        FK_LAUNCH(n, kThreads, stream, center_backward_kernel<scalar_t, acc_t>)(
             b.diff.const_data_ptr<scalar_t>(), b.sorted_labels.const_data_ptr<int64_t>(),
             b.members.const_data_ptr<int64_t>(), n, dim, b.scale.const_data_ptr<acc_t>(),
             b.grad_embeddings.mutable_data_ptr<scalar_t>(),
@@ -113,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> center_loss_backward_cuda(const at::Tensor& g
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(facekernels, CUDA, m) {
+FK_CUDA_KERNELS(m) {
   m.impl("center_loss_forward", &center_loss_forward_cuda);
   m.impl("center_loss_backward", &center_loss_backward_cuda);
 }

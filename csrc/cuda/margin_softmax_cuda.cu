@@ -1,11 +1,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
-#include <cub/block/block_reduce.cuh>
-
+#include "cuda/runtime.cuh"
 #include "margin_softmax.h"
 
 namespace facekernels {
@@ -104,11 +100,11 @@ void forward_epilogue_cuda(const at::Tensor& z, int64_t class_start, const at::T
                            const at::Tensor& row_scale, const MarginOptions& options,
                            RowState& state) {
   const int64_t n = z.size(0), length = z.size(1) / options.sub_centers;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        forward_epilogue_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
+        FK_LAUNCH(n, kThreads, stream, forward_epilogue_kernel<scalar_t, acc_t>)(
             z.const_data_ptr<scalar_t>(), length, class_start, labels.const_data_ptr<int64_t>(),
             row_scale.const_data_ptr<acc_t>(), options.margin<acc_t>(),
             state.row_max.mutable_data_ptr<acc_t>(), state.row_sum.mutable_data_ptr<acc_t>(),
@@ -123,14 +119,14 @@ void backward_epilogue_cuda(at::Tensor& z, int64_t class_start, const at::Tensor
                             const at::Tensor& row_scale, const MarginOptions& options,
                             RowGrads& grads) {
   const int64_t n = z.size(0), length = z.size(1) / options.sub_centers;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const auto optional_out = [](at::Tensor& t) {
           return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr;
         };
-        backward_epilogue_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
+        FK_LAUNCH(n, kThreads, stream, backward_epilogue_kernel<scalar_t, acc_t>)(
             z.mutable_data_ptr<scalar_t>(), length, class_start, labels.const_data_ptr<int64_t>(),
             row_scale.const_data_ptr<acc_t>(), grads.row_max.const_data_ptr<acc_t>(),
             grads.log_sum.const_data_ptr<acc_t>(), grads.grad_log_sum.const_data_ptr<acc_t>(),
@@ -142,7 +138,7 @@ void backward_epilogue_cuda(at::Tensor& z, int64_t class_start, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(facekernels, CUDA, m) {
+FK_CUDA_KERNELS(m) {
   m.impl("margin_softmax_forward", &margin_softmax_forward<&forward_epilogue_cuda>);
   m.impl("margin_softmax_backward", &margin_softmax_backward<&backward_epilogue_cuda>);
 }

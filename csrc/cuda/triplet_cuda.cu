@@ -1,12 +1,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
-#include <cub/block/block_reduce.cuh>
-
+#include "cuda/runtime.cuh"
 #include "triplet.h"
 
 namespace facekernels {
@@ -300,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_margin_forwar
   // Checks first: a CPU tensor among CUDA ones gets our message, not the guard's.
   const TripletInputs in =
       triplet_setup("triplet_margin_loss", dist, labels, ref_labels, mining, self_ref);
-  const c10::cuda::CUDAGuard guard(dist.device());
+  const DeviceGuard guard(dist.device());
   const int64_t n = in.dist.size(0);
   TORCH_CHECK_VALUE(n <= INT32_MAX, "triplet_margin_loss: too many anchors, got ", n);
   const auto acc = in.dist.options().dtype(at::toOpMathType(dist.scalar_type()));
@@ -308,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_margin_forwar
   at::Tensor loss = at::zeros({n}, acc);
   at::Tensor active = at::zeros({n}, labels.options());
   at::Tensor count = at::zeros({n}, labels.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   if (n > 0) {
     FK_DISPATCH(in.dist, "triplet_margin_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -319,13 +314,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_margin_forwar
       int64_t* act = active.mutable_data_ptr<int64_t>();
       int64_t* cnt = count.mutable_data_ptr<int64_t>();
       if (mining == kMineBatchHard) {
-        batch_hard_forward_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(v, rule, g, l, act, cnt);
+        FK_LAUNCH(n, kThreads, stream, batch_hard_forward_kernel<scalar_t, acc_t>)(v, rule, g, l, act, cnt);
       } else if (mining == kMineFacenet) {
         at::Tensor choice = at::full(in.dist.sizes(), -1, labels.options());
-        facenet_forward_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
+        FK_LAUNCH(n, kThreads, stream, facenet_forward_kernel<scalar_t, acc_t>)(
             v, rule, choice.mutable_data_ptr<int64_t>(), g, l, act, cnt);
       } else {
-        threshold_forward_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(v, rule, g, l, act, cnt);
+        FK_LAUNCH(n, kThreads, stream, threshold_forward_kernel<scalar_t, acc_t>)(v, rule, g, l, act, cnt);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -340,8 +335,7 @@ at::Tensor pair_counts_cuda(const TripletInputs& in, double margin, int64_t mini
   }
   FK_DISPATCH(in.dist, "triplet_pair_counts_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    threshold_mine_kernel<scalar_t, acc_t>
-        <<<pair_blocks(in), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    FK_LAUNCH(pair_blocks(in), kThreads, current_stream(), threshold_mine_kernel<scalar_t, acc_t>)(
             view<scalar_t>(in), TripletRule<acc_t>{static_cast<acc_t>(margin), mining, false},
             nullptr, counts.mutable_data_ptr<int64_t>(), nullptr, nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -356,8 +350,7 @@ void fill_cuda(const TripletInputs& in, double margin, int64_t mining, const at:
   }
   FK_DISPATCH(in.dist, "triplet_fill_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    threshold_mine_kernel<scalar_t, acc_t>
-        <<<pair_blocks(in), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    FK_LAUNCH(pair_blocks(in), kThreads, current_stream(), threshold_mine_kernel<scalar_t, acc_t>)(
             view<scalar_t>(in), TripletRule<acc_t>{static_cast<acc_t>(margin), mining, false},
             offsets.const_data_ptr<int64_t>(), nullptr, anchors.mutable_data_ptr<int64_t>(),
             positives.mutable_data_ptr<int64_t>(), negatives.mutable_data_ptr<int64_t>());
@@ -373,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor> hardest_cuda(const TripletInputs& in) {
   if (n > 0) {
     FK_DISPATCH(in.dist, "triplet_hardest_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      hardest_kernel<scalar_t, acc_t><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      FK_LAUNCH(n, kThreads, current_stream(), hardest_kernel<scalar_t, acc_t>)(
           view<scalar_t>(in), positive.mutable_data_ptr<int64_t>(),
           negative.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -389,8 +382,7 @@ at::Tensor facenet_choices_cuda(const TripletInputs& in) {
   }
   FK_DISPATCH(in.dist, "triplet_facenet_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    facenet_choice_kernel<scalar_t, acc_t>
-        <<<pair_blocks(in), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    FK_LAUNCH(pair_blocks(in), kThreads, current_stream(), facenet_choice_kernel<scalar_t, acc_t>)(
             view<scalar_t>(in), choices.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -408,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mine_cuda(const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(facekernels, CUDA, m) {
+FK_CUDA_KERNELS(m) {
   m.impl("triplet_margin_forward", &triplet_margin_forward_cuda);
   m.impl("triplet_mine", &triplet_mine_cuda);
 }
