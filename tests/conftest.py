@@ -63,6 +63,21 @@ def assert_no_worse_than_reference(kernel, reference, truth, factor=2.0):
     )
 
 
+def assert_argmax(predicted, scores, tol=None):
+    """predicted [N] is the argmax of scores [N, C] up to rounding, as a kernel whose GEMMs
+    round differently (chunked, on a GPU) may decide a near tie otherwise: the score it
+    picks is within tol of the row's best, and it is the argmax wherever the best two are
+    further apart than tol. tol: 16 ulps of the scores' dtype at their largest magnitude
+    (at least 1)."""
+    if tol is None:
+        tol = 16 * torch.finfo(scores.dtype).eps * max(1.0, scores.abs().max().item())
+    picked = scores.gather(1, predicted[:, None]).squeeze(1)
+    assert (scores.amax(1) - picked <= tol).all(), "a prediction is not among the best scores"
+    top = scores.topk(min(2, scores.shape[1]), dim=1).values
+    clear = top[:, 0] - top[:, -1] > tol if scores.shape[1] > 1 else torch.ones_like(picked, dtype=torch.bool)
+    assert torch.equal(predicted[clear], scores.argmax(1)[clear])
+
+
 def pytest_addoption(parser):
     parser.addoption("--fuzz", action="store_true",
                      help="run test_fuzz.py with the long hypothesis profile (thousands of cases)")

@@ -5,7 +5,7 @@ import torch
 
 import facekernels
 from facekernels import reference
-from conftest import assert_close, assert_no_worse_than_reference
+from conftest import assert_argmax, assert_close, assert_no_worse_than_reference
 
 
 def make_batch(n, dim, num_classes, device, dtype=torch.float32, seed=0):
@@ -119,7 +119,7 @@ def test_modules_match_reference(device, module, oracle):
     # get_logits: the margin-free logits whose softmax CE is the zero-margin loss.
     logits = head.get_logits(x.detach())
     assert logits.shape == (33, 40)
-    assert torch.equal(logits.argmax(1), head(x.detach(), y, return_predictions=True)[1])
+    assert_argmax(head(x.detach(), y, return_predictions=True)[1], logits)
 
 
 def test_sphereface_module_anneals_lambda():
@@ -190,7 +190,7 @@ def test_predictions_are_the_argmax_of_the_cosines(device):
     x, w, y = make_batch(50, 16, 333, device)
     _, predicted = facekernels.margin_softmax_loss(x, w, y, chunk_size=100, return_predictions=True)
     cosines = torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).t()
-    assert torch.equal(predicted, cosines.argmax(1))
+    assert_argmax(predicted, cosines)
 
 
 def test_class_shards_combine_to_the_whole(device):

@@ -8,4 +8,5 @@
 TORCH_LIBRARY(facekernels_simt, m) {
   facekernels::define_ops(m);
   m.def("set_seed(int seed) -> ()", &facekernels::simt::set_seed);
+  m.def("launch_count() -> int", &facekernels::simt::launch_count);
 }

@@ -41,6 +41,7 @@ struct Runtime {
   std::mt19937_64 rng;
   uint64_t seed = 0;
   uint64_t launches = 0;  // since the seed was set
+  int64_t total_launches = 0;
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
   Fiber* current = nullptr;
@@ -243,9 +244,13 @@ void launch(const char* kernel, int64_t grid, int64_t block, cudaStream_t stream
             const std::function<void()>& body) {
   Runtime& r = runtime();
   const std::lock_guard<std::mutex> lock(r.mutex);
-  TORCH_CHECK(r.pending.empty(), "facekernels_simt: ", kernel,
-              " launched after an earlier launch failed unchecked (no C10_CUDA_KERNEL_LAUNCH_CHECK): ",
-              r.pending);
+  if (!r.pending.empty()) {
+    const std::string error = r.pending;
+    r.pending.clear();
+    TORCH_CHECK(false, "facekernels_simt: ", kernel,
+                " launched after an earlier launch failed unchecked (no C10_CUDA_KERNEL_LAUNCH_CHECK): ",
+                error);
+  }
   TORCH_CHECK(stream == current_stream(), "facekernels_simt: ", kernel,
               " launched on a stream other than the current one");
   if (grid < 1 || grid > kMaxGridX || block < 1 || block > kMaxThreadsPerBlock) {
@@ -257,6 +262,7 @@ void launch(const char* kernel, int64_t grid, int64_t block, cudaStream_t stream
     return;
   }
   const uint64_t launch_number = r.launches++;
+  ++r.total_launches;
   r.grid_dim = {static_cast<unsigned int>(grid), 1, 1};
   r.block_dim = {static_cast<unsigned int>(block), 1, 1};
   r.body = &body;
@@ -282,6 +288,12 @@ void check_last_launch(const char* file, int line) {
   const std::string error = r.pending;
   r.pending.clear();
   TORCH_CHECK(false, "CUDA error: ", error, " (checked at ", file, ":", line, ")");
+}
+
+int64_t launch_count() {
+  Runtime& r = runtime();
+  const std::lock_guard<std::mutex> lock(r.mutex);
+  return r.total_launches;
 }
 
 void set_seed(int64_t seed) {

@@ -107,6 +107,9 @@ Launcher<void (*)(Params...)> make_launcher(void (*kernel)(Params...), const cha
 
 cudaStream_t current_stream();
 
+// Launches that ran, since the library was loaded.
+int64_t launch_count();
+
 // Reseeds the generator behind block and thread orders and undefined values.
 void set_seed(int64_t seed);
 
