@@ -202,19 +202,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
   const MarginOptions options = with_row_inputs(
       raw_options, embeddings, at::toOpMathType(embeddings.scalar_type()));
   const Classes classes = classes_of(weight, rows, options.sub_centers);
-  const c10::DeviceGuard device(embeddings.device());
-  const at::ScalarType dtype = embeddings.scalar_type();
-  const int64_t n = embeddings.size(0), num_classes = classes.count();
-  const Rows unit_rows = prepare_rows(embeddings, options);
-  const auto acc = unit_rows.scales.options();
+  // These reach the kernels as raw pointers: on the embeddings' device, or an error.
   const auto check_row_vector = [&](const char* name, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, kOp, ": ", name, " must have shape [", n,
-                      "], got ", t.sizes());
+    check_defined_floating(kOp, name, t);
+    check_same_device(kOp, name, t, embeddings);
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == embeddings.size(0), kOp, ": ", name,
+                      " must have shape [", embeddings.size(0), "], got ", t.sizes());
   };
   check_row_vector("grad_log_sum", grad_log_sum);
   check_row_vector("grad_target", grad_target);
   check_row_vector("row_max", row_max);
   check_row_vector("log_sum", log_sum);
+  const c10::DeviceGuard device(embeddings.device());
+  const at::ScalarType dtype = embeddings.scalar_type();
+  const int64_t n = embeddings.size(0), num_classes = classes.count();
+  const Rows unit_rows = prepare_rows(embeddings, options);
+  const auto acc = unit_rows.scales.options();
   // A row whose label is outside a class shard has no target here: its margin gradients are 0.
   const auto margin_grad = [&](const at::Tensor& row_margin) {
     return margins_grad && row_margin.defined() ? at::zeros({n}, acc) : at::Tensor();

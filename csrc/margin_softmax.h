@@ -225,7 +225,9 @@ struct OnlineLse {
       sum = sum * std::exp(max - x) + acc_t(1);
       max = x;
     } else {
-      sum += std::exp(x - max);
+      // A logit equal to the max adds exp(0) = 1, also at +inf (where inf - inf is NaN),
+      // as merge counts it: the order of pushes and merges does not change the result.
+      sum += x == max ? acc_t(1) : std::exp(x - max);
     }
   }
 

@@ -88,8 +88,10 @@ def pytest_configure(config):
         from hypothesis import HealthCheck, settings
     except ImportError:  # test_fuzz.py skips itself
         return
+    # The device fixture is meant to hold for every example of a test.
+    suppress = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
     settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
-                              suppress_health_check=[HealthCheck.too_slow])
+                              suppress_health_check=suppress)
     settings.register_profile("fuzz", max_examples=3000, deadline=None,
-                              suppress_health_check=[HealthCheck.too_slow])
+                              suppress_health_check=suppress)
     settings.load_profile("fuzz" if config.getoption("--fuzz") else "ci")

@@ -1,7 +1,9 @@
 """The SIMT emulation build: csrc/cuda/*.cu compiled by the host compiler against
 csrc/simt/ (see README, "Contributing"), loaded as the op library facekernels_simt.
 
-Tests only: it is built on first use into build/simt (ninja, cached), never installed."""
+Tests only: it is built on first use into build/simt (ninja, cached), never installed.
+FACEKERNELS_SIMT_CSRC and FACEKERNELS_SIMT_BUILD point it at other sources and another
+build folder (scripts/simt_mutants.py builds mutated copies that way)."""
 
 import contextlib
 import os
@@ -13,8 +15,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
-BUILD = ROOT / "build" / "simt"
+CSRC = Path(os.environ.get("FACEKERNELS_SIMT_CSRC", ROOT / "csrc"))
+BUILD = Path(os.environ.get("FACEKERNELS_SIMT_BUILD", ROOT / "build" / "simt"))
 # The emulated CUDA sources, the device-neutral orchestration they call, the runtime.
 SOURCES = sorted(CSRC.glob("simt/*.cpp")) + sorted(CSRC.glob("*.cpp"))
 SOURCES = [s for s in SOURCES if s.name != "facekernels.cpp"]
@@ -41,7 +43,7 @@ def build(say=print):
     session_seed()
     BUILD.mkdir(parents=True, exist_ok=True)
     say(f"facekernels_simt: building the SIMT emulation of the CUDA kernels ({len(SOURCES)} "
-        f"sources; about 3 minutes on 2 cores the first time, cached in {BUILD.relative_to(ROOT)})")
+        f"sources; about 2 minutes on 2 cores the first time, cached in {BUILD})")
     start = time.monotonic()
     load(name="facekernels_simt", sources=[str(s) for s in SOURCES],
          extra_include_paths=[str(CSRC)],

@@ -9,7 +9,8 @@ option values, works out which arguments are invalid, and asserts one of:
   embeddings are not finite.
 
 The CI profile ("ci", derandomized) draws 40 cases per entry point; `pytest --fuzz`
-loads the long profile (tests/conftest.py).
+loads the long profile (tests/conftest.py). Each entry point runs on conftest's devices,
+the emulated CUDA kernels ("simt") included.
 """
 
 import math
@@ -24,7 +25,6 @@ from facekernels import reference
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install '.[test]')")
 from hypothesis import given, strategies as st  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOATS = [torch.float64, torch.float32]
 NUMBERS = [math.nan, math.inf, -1.0, 0.0, 0.3, 16.0]
 
@@ -86,7 +86,6 @@ def assert_nan_rows(loss, finite, want):
                                atol=1e-6 if loss.dtype == torch.float64 else 2e-2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_margin_softmax_heads(device, data):
     draw = data.draw
@@ -122,7 +121,6 @@ def test_margin_softmax_heads(device, data):
     assert_policy(lambda: facekernels.margin_softmax_loss(x, weight, y, **options), invalid, check)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_center_loss_leaves_centers_alone_when_it_refuses(device, data):
     draw = data.draw
@@ -156,7 +154,6 @@ def test_center_loss_leaves_centers_alone_when_it_refuses(device, data):
     assert_policy(lambda: criterion(x, y), invalid, check, state=lambda: (criterion.centers.clone(),))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_sphereface_iteration_moves_only_on_success(device, data):
     draw = data.draw
@@ -203,7 +200,6 @@ ADAPTIVE_HEADS = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_adaptive_heads(device, data):
     """Bad input leaves the running buffers bitwise unchanged; otherwise NaN exactly in the
@@ -240,7 +236,6 @@ def test_adaptive_heads(device, data):
                   state=lambda: tuple(value.clone() for value in head.state_dict().values()))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_metric_losses_and_miner(device, data):
     draw = data.draw

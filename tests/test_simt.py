@@ -288,3 +288,21 @@ def test_center_loss_matches_the_cpu_kernels(n, dim, dtype):
     for centers_grad in (False, True):
         cpu_b, emulated_b = both("center_loss_backward", grad, cpu[1], labels, 50, centers_grad)
         assert_same(cpu_b, emulated_b, dtype)
+
+
+@pytest.mark.parametrize("library", ["facekernels", "facekernels_simt"])
+@pytest.mark.parametrize("argument", ["grad_log_sum", "grad_target", "row_max", "log_sum"])
+def test_backward_refuses_row_statistics_from_another_device(library, argument):
+    """The kernels read these through raw pointers: one on another device than the
+    embeddings (a CPU tensor given to the CUDA kernel) is an error naming it. The kernel is
+    called directly, as the dispatcher would call the CUDA kernel on a GPU machine."""
+    x, w, labels, options = margin_inputs("tail_chunk", torch.float32)
+    row_max, log_sum = torch.ops.facekernels.margin_softmax_forward(x, w, labels, **options)[:2]
+    args = dict(grad_log_sum=torch.ones(len(x)), grad_target=torch.ones(len(x)),
+                row_max=row_max, log_sum=log_sum)
+    args[argument] = args[argument].to("meta")
+    kernel = getattr(torch.ops, library).margin_softmax_backward.default
+    options.pop("labels_in_range")
+    with pytest.raises(ValueError, match=f"margin_softmax_loss: {argument} is on meta but embeddings are on cpu"):
+        kernel.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), args["grad_log_sum"],
+                          args["grad_target"], x, w, labels, args["row_max"], args["log_sum"], **options)
