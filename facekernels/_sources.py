@@ -9,6 +9,7 @@ SOURCE_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
 
 
 def sources_digest(root):
+    root = os.fspath(root)
     paths = []
     for folder, subfolders, files in os.walk(root):
         if folder == root and "simt" in subfolders:

@@ -1,5 +1,6 @@
 import importlib
 import os
+import shutil
 import sys
 import types
 
@@ -8,6 +9,7 @@ import torch
 
 import facekernels
 from facekernels import _extension
+from facekernels._sources import sources_digest
 
 
 def test_build_info_describes_the_loaded_extension():
@@ -75,3 +77,17 @@ def test_missing_extension_says_how_to_rebuild(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(_extension)
+
+
+def test_the_emulator_is_not_part_of_the_extension(tmp_path):
+    """csrc/simt/ builds the test-only emulation library, not facekernels._C: editing it
+    does not make the extension stale; editing a kernel does."""
+    if not os.path.isdir(_extension._CSRC):
+        pytest.skip("installed without a source checkout: there are no sources to compare")
+    csrc = tmp_path / "csrc"
+    shutil.copytree(_extension._CSRC, csrc)
+    digest = sources_digest(csrc)
+    (csrc / "simt" / "runtime.cpp").write_text("// edited")
+    assert sources_digest(csrc) == digest
+    (csrc / "cuda" / "triplet_cuda.cu").write_text("// edited")
+    assert sources_digest(csrc) != digest
