@@ -1,8 +1,11 @@
-"""Builds facekernels._C: CPU kernels always, CUDA kernels when a toolkit is found.
+"""Builds facekernels._C: the CPU kernels always; the CUDA kernels, as torchvision does,
+when a GPU is visible or when asked.
 
 Environment:
-  FACEKERNELS_FORCE_CPU=1   skip the CUDA sources (fast local iteration)
-  TORCH_CUDA_ARCH_LIST      GPU architectures (default: the visible GPUs, else "9.0")
+  FACEKERNELS_FORCE_CUDA=1  compile the CUDA sources without a visible GPU (CI does)
+  TORCH_CUDA_ARCH_LIST      GPU architectures; setting it also asks for the CUDA sources
+                            (default: the visible GPUs, else "9.0")
+  FACEKERNELS_FORCE_CPU=1   skip the CUDA sources even with a GPU
   MAX_JOBS                  parallel compile jobs (ninja)
   CUDA_HOME                 the toolkit; /usr/local/cuda is tried when unset
 """
@@ -16,6 +19,13 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
+
+try:
+    import torch
+except ImportError:
+    sys.exit("facekernels: torch is not importable in this build environment (pip builds in an "
+             "isolated one unless told otherwise); facekernels compiles against the torch you run: "
+             "install torch, then `pip install --no-build-isolation .`")
 
 
 def find_cuda_home():
@@ -32,11 +42,28 @@ def find_cuda_home():
     return None
 
 
-CUDA_HOME = None if os.environ.get("FACEKERNELS_FORCE_CPU") == "1" else find_cuda_home()
-if CUDA_HOME:
+def cuda_decision():
+    """(CUDA toolkit or None, why): whether the CUDA sources are compiled."""
+    if os.environ.get("FACEKERNELS_FORCE_CPU") == "1":
+        return None, "FACEKERNELS_FORCE_CPU=1"
+    asked = os.environ.get("FACEKERNELS_FORCE_CUDA") == "1" or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    if not asked and not torch.cuda.is_available():
+        return None, "no GPU is visible; FACEKERNELS_FORCE_CUDA=1 compiles the CUDA kernels too"
+    home = find_cuda_home()
+    problem = ("no CUDA toolkit (nvcc) was found: set CUDA_HOME" if home is None else
+               f"torch {torch.__version__} is not a CUDA build" if torch.version.cuda is None else None)
+    if problem and asked:
+        sys.exit(f"facekernels: the CUDA kernels were asked for, but {problem}")
+    if problem:
+        return None, f"a GPU is visible, but {problem}"
+    return home, "FACEKERNELS_FORCE_CUDA=1" if asked else "a GPU is visible"
+
+
+CUDA_HOME, WHY = cuda_decision()
+WITH_CUDA = CUDA_HOME is not None
+if WITH_CUDA:
     os.environ["CUDA_HOME"] = CUDA_HOME  # must precede the cpp_extension import
 
-import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -45,8 +72,6 @@ from _sources import sources_digest  # noqa: E402
 from version import __version__  # noqa: E402
 
 sys.path.pop(0)
-
-WITH_CUDA = CUDA_HOME is not None and torch.version.cuda is not None
 
 
 def cuda_arch_list():
@@ -100,6 +125,8 @@ def extension():
     write_build_info_header(os.path.join(generated, "facekernels_build_info.h"), arch_list)
 
     sources = glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+    cuda_sources = glob.glob("csrc/cuda/*.cu") if WITH_CUDA else []
+    announce(len(sources), cuda_sources, arch_list)
     cxx_flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in inline headers
     kwargs = dict(
         name="facekernels._C",
@@ -109,11 +136,26 @@ def extension():
     )
     if WITH_CUDA:
         return CUDAExtension(
-            sources=sources + glob.glob("csrc/cuda/*.cu"),
+            sources=sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             **kwargs,
         )
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
+
+
+# Seconds of one core per source, measured on this project's 2-core machines.
+CPP_SECONDS, CUDA_SECONDS = 30, 300
+
+
+def announce(cpp_count, cuda_sources, arch_list):
+    """One line on what is built and about how long it takes (shown by scripts/install.sh,
+    or by pip with -v)."""
+    cores = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    minutes = (cpp_count * CPP_SECONDS + len(cuda_sources) * CUDA_SECONDS) / cores / 60
+    kernels = (f"CPU and CUDA kernels for sm_{arch_list.replace('.', '').replace(';', ', sm_')} ({WHY})"
+               if WITH_CUDA else f"CPU kernels only ({WHY})")
+    print(f"facekernels: building {cpp_count + len(cuda_sources)} sources, {kernels}; "
+          f"about {max(minutes, 0.5):.0f} min on {cores} cores", flush=True)
 
 
 setup(

@@ -1,11 +1,63 @@
 #!/usr/bin/env bash
-# Sets up .venv from nothing and builds facekernels in place: the CUDA sources too whenever
-# a CUDA toolkit is found (also on a machine without a GPU), else CPU only.
-# Honours FACEKERNELS_FORCE_CPU=1, TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME (see setup.py).
+# Sets up .venv from nothing and builds facekernels in place, naming each phase as it
+# starts and showing the build's progress: the CPU kernels always, the CUDA kernels when a
+# GPU is visible or when asked (FACEKERNELS_FORCE_CUDA=1; see setup.py for every knob).
+#   bash scripts/install.sh        informative
+#   bash scripts/install.sh -q     errors and the closing line only
 set -euo pipefail
 cd "$(dirname "$0")/.."
+quiet=0
+[ "${1:-}" = "-q" ] && quiet=1
+say() { [ "$quiet" = 1 ] || echo "install.sh: $*"; }
+clock() { printf '%d min %02d s' $(($1 / 60)) $(($1 % 60)); }
+start=$SECONDS
 python=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $("$python" --version)"
+  "$python" -m venv .venv
+fi
+say "installing torch 2.14.1, setuptools and ninja into .venv (about 1 GB the first time)"
 .venv/bin/python -m pip install -q torch==2.14.1 setuptools wheel ninja
-.venv/bin/python -m pip install -q --no-build-isolation -e '.[test,bench,plot]'
-.venv/bin/python -c 'import json, facekernels; print("facekernels build:", json.dumps(facekernels.build_info()))'
+say "installing facekernels' dependencies, then building the extension"
+
+# pip -v carries setup.py's plan and ninja's [k/n] lines (printed as each file is done):
+# show those, keep the rest in a log; every 30 s name the files still compiling.
+log=.venv/build.log
+build_start=$SECONDS
+show_progress() {
+  local line plan=""
+  while IFS= read -r line; do
+    line="${line#"${line%%[![:space:]]*}"}"  # pip indents its subprocess's output
+    case "$line" in
+      facekernels:*) [ "$line" = "$plan" ] || say "$line"; plan=$line ;;  # setup.py runs twice
+      \[[0-9]*/[0-9]*\]\ *)
+        say "  ${line%%]*}] compiled $(grep -o '[^ ]*\.\(cpp\|cu\) ' <<<"$line" | head -1 | sed "s|^$PWD/||; s| $||")" ;;
+    esac
+  done
+}
+compiling() {
+  ps -eo args | grep -o "$PWD/csrc/[^ ]*\.\(cpp\|cu\)" | sed "s|^$PWD/||" | sort -u | paste -sd, - | sed 's/,/, /g'
+}
+heartbeat() {
+  local files
+  while sleep 30; do
+    files=$(compiling)
+    say "  ... still building, $(clock $((SECONDS - build_start))) so far${files:+: compiling $files}"
+  done
+}
+[ "$quiet" = 1 ] || { heartbeat & }
+trap 'kill $(jobs -p) 2>/dev/null' EXIT
+if ! .venv/bin/python -m pip install -v --no-build-isolation -e '.[test,bench,plot]' 2>&1 | tee "$log" | show_progress; then
+  echo "install.sh: the build failed; the last lines of $log:" >&2
+  tail -n 40 "$log" >&2
+  exit 1
+fi
+kill $(jobs -p) 2>/dev/null || true
+
+summary=$(.venv/bin/python -c 'import facekernels
+i = facekernels.build_info()
+print("facekernels", i["facekernels"], "for torch", i["torch"] + ",",
+      "CUDA kernels for " + ", ".join(i["cuda_arch_list"]) if i["cuda_kernels"] else "CPU kernels only")')
+echo "install.sh: done in $(clock $((SECONDS - start))): $summary"
+say "next: .venv/bin/facekernels-train (the main job) or .venv/bin/python -m pytest (the tests)"
