@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from facekernels.train import data
-from facekernels.train import cli
+from facekernels.train import cli, loss_speed
 from facekernels.train.model import EmbeddingNet
 from facekernels.train.objectives import ADAPTIVE, LOSSES, Objective
 
@@ -27,7 +27,7 @@ def att_subset(tmp_path):
 
 
 def run(argv):
-    return cli.run([*argv, "--epochs", "3"])
+    return cli.run([*argv, "--epochs", "3", "--no-scale-benchmark"])
 
 
 @needs_att
@@ -55,13 +55,33 @@ def test_both_impls_agree_on_real_faces(att_subset, tmp_path, loss):
 def test_console_script_on_synthetic_faces(tmp_path):
     plot_path, report_path = tmp_path / "curves.png", tmp_path / "report.json"
     with pytest.raises(SystemExit) as exit_info:  # what the installed facekernels-train does
-        sys.exit(cli.main(["--loss", "cosface", "--epochs", "1", "--impl", "facekernels",
+        sys.exit(cli.main(["--loss", "cosface", "--epochs", "1", "--impl", "facekernels", "--no-scale-benchmark",
                            "--plot", str(plot_path), "--report", str(report_path)]))
     assert exit_info.value.code is None  # status 0
     assert plot_path.stat().st_size > 1000
     report = json.loads(report_path.read_text())
     assert report["data"] == "built-in synthetic faces"
     assert "speedup" not in report and report["parity"]["max_rel_grad_diff"] <= 1e-4
+    # Without a reference run, the parity check's reference calls still time the loss.
+    speed = report["loss_interleaved"]
+    assert speed["steps"] == len(report["impls"]["facekernels"]["losses"])
+    assert speed["speedup_q1"] <= speed["speedup"] <= speed["speedup_q3"]
+    assert speed["noise_exceeds_difference"] == (speed["speedup_q1"] <= 1 <= speed["speedup_q3"])
+    assert "loss_at_scale" not in report
+
+
+def test_scale_benchmark_times_both_impls_interleaved(monkeypatch):
+    monkeypatch.setitem(loss_speed.SHAPES, "cpu", dict(rows=8, dim=4, classes=50))
+    report = loss_speed.measure("cosface", rounds=3)
+    assert report["shape"]["classes"] == 50 and report["shape"]["loss"] == "cosface"
+    for name in ("reference", "facekernels"):
+        timing = report[name]
+        assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+        assert timing["peak_extra_mb"] >= 0
+    up = report["speedup"]
+    assert up["min"] <= up["median"] <= up["max"]
+    assert report["noise_exceeds_difference"] == (up["min"] <= 1 <= up["max"])
+    assert "speed-up" in loss_speed.describe(report)
 
 
 def test_synthetic_faces_are_deterministic():
@@ -105,7 +125,8 @@ def test_fold_splits_refuse_groups_too_small_to_verify(folds):
 
 def test_folds_train_from_scratch_and_report_mean_and_std(tmp_path, capsys):
     report_path, plot_path = tmp_path / "report.json", tmp_path / "folds.png"
-    report = cli.run(["--loss", "cosface", "--folds", "2", "--epochs", "1", "--report", str(report_path),
+    report = cli.run(["--loss", "cosface", "--folds", "2", "--epochs", "1", "--no-scale-benchmark",
+                      "--report", str(report_path),
                       "--plot", str(plot_path)])
     assert json.loads(report_path.read_text()) == json.loads(json.dumps(report))
     assert plot_path.stat().st_size > 1000

@@ -1,6 +1,7 @@
 """One training run, and the per-step parity check of the fused losses against the
 reference formulas on the very same batch and parameters."""
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -63,6 +64,19 @@ class RunResult:
     roc: tuple = ()
     parity: Parity = None  # the training call against the reference, both in fp32
     parity_fp64: Parity = None  # the same formulas in float64: free of rounding flips
+    # With parity: each step's fused loss forward + backward and, right before it on the
+    # same batch, the reference's: timings interleaved step by step.
+    loss_step_ms: list = field(default_factory=list)
+    reference_loss_step_ms: list = field(default_factory=list)
+
+    def interleaved_loss_speed(self):
+        """Medians of the per-step loss times and the quartiles of the per-step ratios
+        reference / fused; the noise exceeds the difference when 1 lies between them."""
+        ratios = [r / f for r, f in zip(self.reference_loss_step_ms, self.loss_step_ms)]
+        q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        return {"steps": len(ratios), "reference_ms": statistics.median(self.reference_loss_step_ms),
+                "facekernels_ms": statistics.median(self.loss_step_ms), "speedup": median,
+                "speedup_q1": q1, "speedup_q3": q3, "noise_exceeds_difference": q1 <= 1.0 <= q3}
 
     def to_json(self):
         return {
@@ -106,13 +120,18 @@ def _loss_and_grads(loss_fn, objective, embeddings, labels, dtype):
 def _check_parity(objective, embeddings, labels, parity_fp64):
     """Before the fused training call (which may move state such as centers): the
     reference loss and gradients in fp32 on this step's batch and parameters, to compare
-    with that call; and both formulas in float64, compared right away."""
+    with that call, and the seconds they took; and both formulas in float64, compared
+    right away."""
+    _sync(embeddings.device)
+    start = time.perf_counter()
     expected = _loss_and_grads(objective.reference_loss, objective, embeddings, labels, torch.float32)
+    _sync(embeddings.device)
+    seconds = time.perf_counter() - start
     fused64, grads64, _ = _loss_and_grads(objective.fused_loss, objective, embeddings, labels, torch.float64)
     reference64, reference_grads64, _ = _loss_and_grads(
         objective.reference_loss, objective, embeddings, labels, torch.float64)
     parity_fp64.update(fused64, reference64, grads64, reference_grads64)
-    return expected
+    return expected, seconds
 
 
 def train(config, train_set, held_out, impl, state, parity=False, fold=""):
@@ -163,7 +182,8 @@ def train(config, train_set, held_out, impl, state, parity=False, fold=""):
             if parity:
                 _sync(device)
                 paused = time.perf_counter()
-                expected, expected_grads, names = _check_parity(objective, e, y, result.parity_fp64)
+                (expected, expected_grads, names), seconds = _check_parity(objective, e, y, result.parity_fp64)
+                result.reference_loss_step_ms.append(1e3 * seconds)
                 _sync(device)
                 start += time.perf_counter() - paused
             _sync(device)
@@ -172,7 +192,9 @@ def train(config, train_set, held_out, impl, state, parity=False, fold=""):
                 loss, predicted = objective(e, y, impl)
             loss.backward()
             _sync(device)
-            loss_seconds += time.perf_counter() - loss_start
+            elapsed = time.perf_counter() - loss_start
+            loss_seconds += elapsed
+            result.loss_step_ms.append(1e3 * elapsed)
             if parity:
                 by_name = dict(objective.tensors())
                 result.parity.update(loss.detach(), expected, [e.grad] + [by_name[n].grad for n in names],
