@@ -8,9 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 quiet=0
 [ "${1:-}" = "-q" ] && quiet=1
-say() { [ "$quiet" = 1 ] || echo "install.sh: $*"; }
-clock() { printf '%d min %02d s' $(($1 / 60)) $(($1 % 60)); }
 start=$SECONDS
+say() { [ "$quiet" = 1 ] || printf 'install.sh [%d:%02d] %s\n' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$*"; }
+clock() { printf '%d min %02d s' $(($1 / 60)) $(($1 % 60)); }
 python=${PYTHON:-python3}
 
 if [ ! -x .venv/bin/python ]; then
@@ -47,7 +47,7 @@ heartbeat() {
   done
 }
 [ "$quiet" = 1 ] || { heartbeat & }
-trap 'kill $(jobs -p) 2>/dev/null' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 if ! .venv/bin/python -m pip install -v --no-build-isolation -e '.[test,bench,plot]' 2>&1 | tee "$log" | show_progress; then
   echo "install.sh: the build failed; the last lines of $log:" >&2
   tail -n 40 "$log" >&2
