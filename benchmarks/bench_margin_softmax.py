@@ -15,7 +15,7 @@ from conftest import DEVICES
 
 # (N, D, C)
 SHAPES = {
-    "cpu": [(256, 128, 200_000)],
+    "cpu": [(256, 128, c) for c in (20_000, 50_000, 200_000)],
     "cuda": [(n, 512, c) for c in (100_000, 1_000_000) for n in (128, 512, 1024)],
 }
 PARAMS = [(device, *shape) for device in DEVICES for shape in SHAPES[device]]
