@@ -2,7 +2,7 @@
 
 import torch
 
-from facekernels.ops.checks import check_embeddings, check_labels, check_number, check_rows
+from facekernels.ops.checks import check_embeddings, check_labels, check_number, check_one_device, check_rows
 
 _OP = "center_loss"
 
@@ -23,6 +23,7 @@ def _check(embeddings, labels, centers, alpha):
 
 @torch.library.register_fake("facekernels::center_loss_forward")
 def _(embeddings, labels, centers, alpha, compute_update):
+    check_one_device(_OP, embeddings=embeddings, labels=labels, centers=centers)
     _check(embeddings, labels, centers, alpha)
     updated_rows = embeddings.shape[0] if compute_update else 0
     return (
@@ -34,6 +35,7 @@ def _(embeddings, labels, centers, alpha, compute_update):
 
 @torch.library.register_fake("facekernels::center_loss_backward")
 def _(grad_loss, diff, labels, num_classes, centers_grad):
+    check_one_device(_OP, diff=diff, grad_loss=grad_loss, labels=labels)
     return (
         torch.empty_like(diff, memory_format=torch.contiguous_format),
         diff.new_empty((num_classes if centers_grad else 0, diff.shape[1])),

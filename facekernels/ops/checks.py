@@ -44,6 +44,17 @@ def check_labels(op, labels, embeddings, name="labels"):
     check_device(op, name, labels, embeddings)
 
 
+def check_one_device(op, **arguments):
+    """Every tensor argument on the device of the first. The fake kernels run it: the
+    dispatcher sends a call that mixes a meta tensor with real ones to the fake kernel (which
+    would return uninitialized memory), and a CUDA kernel must never get a host pointer."""
+    tensors = [(name, t) for name, t in arguments.items() if isinstance(t, torch.Tensor)]
+    first, device = tensors[0][0], tensors[0][1].device
+    for name, t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first} is on {device}")
+
+
 def check_device(op, name, tensor, embeddings):
     if tensor.device != embeddings.device:
         raise ValueError(f"{op}: {name} is on {tensor.device} but the embeddings are on {embeddings.device}")

@@ -8,6 +8,7 @@ from facekernels.ops.checks import (
     check_embeddings,
     check_labels,
     check_number,
+    check_one_device,
     check_rows,
 )
 
@@ -51,7 +52,12 @@ def accumulate_dtype(dtype):
 
 
 @torch.library.register_fake("facekernels::margin_softmax_forward")
-def _(embeddings, weight, labels, *options):
+def _(embeddings, weight, labels, scale, m1, m2, m3, sphere_lambda, margin_kind, exact_gradient,
+      normalize_embeddings, normalize_weight, chunk_size, labels_in_range=True, rows=None,
+      interclass_filtering_threshold=0.0, row_m2=None, row_m3=None, sub_centers=1,
+      hard_threshold=None, hard_t=None):
+    check_one_device(_OP, embeddings=embeddings, weight=weight, labels=labels, rows=rows, row_m2=row_m2,
+                     row_m3=row_m3, hard_threshold=hard_threshold, hard_t=hard_t)
     check_tensors(embeddings, weight, labels)
     n = embeddings.shape[0]
     acc = accumulate_dtype(embeddings.dtype)
@@ -65,6 +71,10 @@ def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, s
       chunk_size, embeddings_grad=True, weight_grad=True, rows=None,
       interclass_filtering_threshold=0.0, row_m2=None, row_m3=None, sub_centers=1,
       hard_threshold=None, hard_t=None, margins_grad=False):
+    check_one_device(_OP, embeddings=embeddings, grad_log_sum=grad_log_sum, grad_target=grad_target,
+                     weight=weight, labels=labels, row_max=row_max, log_sum=log_sum, rows=rows,
+                     row_m2=row_m2, row_m3=row_m3, hard_threshold=hard_threshold, hard_t=hard_t)
+
     def gradient(t, wanted):
         shape = t.shape if wanted else (0, t.shape[1])
         return t.new_empty(shape)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from facekernels.ops.checks import check_choice, check_device, check_embeddings, check_number
+from facekernels.ops.checks import check_choice, check_device, check_embeddings, check_number, check_one_device
 
 # None: no mining, every valid triplet (pytorch-metric-learning's loss without a miner).
 MINING = {"all": 0, "hard": 1, "semihard": 2, "easy": 3, "batch_hard": 4, "facenet": 5, None: 6}
@@ -108,6 +108,7 @@ def to_pairs(indices_tuple):
 
 @torch.library.register_fake("facekernels::pairwise_distance_refine")
 def _(squared, close, x, ref):
+    check_one_device("pairwise_distance", squared=squared, close=close, x=x, ref=ref)
     return torch.empty_like(squared, memory_format=torch.contiguous_format)
 
 
@@ -180,12 +181,14 @@ def nan_if_any(loss, dist):
 
 @torch.library.register_fake("facekernels::triplet_margin_forward")
 def _(dist, labels, ref_labels, margin, mining, self_ref, smooth):
+    check_one_device("triplet_margin_loss", dist=dist, labels=labels, ref_labels=ref_labels)
     count = dist.new_empty((), dtype=torch.int64)
     return dist.new_empty(()), count, torch.empty_like(count), dist.new_empty(dist.shape)
 
 
 @torch.library.register_fake("facekernels::triplet_mine")
 def _(dist, labels, ref_labels, margin, mining, self_ref):
+    check_one_device("triplet_mine", dist=dist, labels=labels, ref_labels=ref_labels)
     size = torch.library.get_ctx().new_dynamic_size()
     return tuple(labels.new_empty((size,)) for _ in range(3))
 
