@@ -356,6 +356,19 @@ def test_adaface_needs_two_rows_to_train_but_not_to_evaluate():
     assert torch.isfinite(module.eval()(x, y))
 
 
+def test_adaface_statistics_move_only_on_what_is_defined():
+    """An all-NaN training batch has no norm statistics: the buffers stay (its losses are
+    NaN). One finite row has a mean but no unbiased std: only the mean moves."""
+    module = facekernels.AdaFaceLoss(10, 8)
+    x, y = make_batch(3, 8, 10, "cpu", torch.float32)
+    for _ in range(3):
+        assert module(torch.full_like(x, math.nan), y).isnan()
+    assert module.batch_mean.item() == 20.0 and module.batch_std.item() == 100.0
+    x[1:] = math.nan
+    module(x, y)
+    assert module.batch_mean.item() != 20.0 and module.batch_std.item() == 100.0
+
+
 def test_state_dict_round_trip():
     for name in ("curricularface", "adaface"):
         trained = HEADS[name].module(10, 8)

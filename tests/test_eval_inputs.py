@@ -201,6 +201,13 @@ def test_read_lfw_pairs_header_without_pairs(tmp_path):
         read_lfw_pairs(path)
 
 
+@pytest.mark.parametrize("name, error", [(None, TypeError), (7, TypeError), ("", ValueError),
+                                         ("a/b", ValueError), ("..", ValueError)])
+def test_lfw_image_path_name(name, error):
+    with pytest.raises(error, match="^lfw_image_path: name"):
+        lfw_image_path("/data/lfw", name, 1)
+
+
 @pytest.mark.parametrize("index, error", [(math.nan, TypeError), (1.7, TypeError), (0, ValueError)])
 def test_lfw_image_path_index(index, error):
     # Before: NaN named no argument and 1.7 was truncated to image 1.

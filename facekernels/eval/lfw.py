@@ -17,6 +17,10 @@ def lfw_image_path(root, name, index):
     """Path of image ``index`` (1-based) of person ``name`` under the LFW image root, as
     a str: ``<root>/<name>/<name>_<index:04d>.jpg``."""
     index = check_int("lfw_image_path", "index", index, 1)  # LFW numbers images from 1
+    if not isinstance(name, str):
+        raise TypeError(f"lfw_image_path: name must be a str (a person's folder), got {name!r}")
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"lfw_image_path: name must name one folder, got {name!r}")
     return os.path.join(os.fspath(root), *_relative_path(name, index).split("/"))
 
 

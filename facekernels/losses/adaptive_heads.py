@@ -42,12 +42,14 @@ def _target_cosines(embeddings, weight, labels):
 
 def _finite_mean_std(values):
     """Mean and unbiased std of the finite entries: a NaN row (whose own loss is NaN) must
-    not make every other row's margin NaN."""
+    not make every other row's margin NaN. NaN where undefined: the mean of no entry, the
+    std of fewer than two (not 0 / -1 = -0, which would pass for a finite std)."""
     finite = values.isfinite()
     count = finite.sum()
     mean = torch.where(finite, values, 0).sum() / count
     squares = torch.where(finite, values - mean, 0).square().sum()
-    return mean, (squares / (count - 1)).sqrt()
+    std = torch.where(count > 1, squares / (count - 1), math.nan).sqrt()
+    return mean, std
 
 
 def _running(old, batch_value, rate):
