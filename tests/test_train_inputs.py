@@ -187,3 +187,22 @@ def test_existing_output_files_are_checked_themselves(tmp_path):
     # may write): devices and /dev/stdout are valid outputs.
     with pytest.raises(AssertionError, match="training started"):
         cli.run(["--epochs", "1", "--report", os.devnull])
+
+
+@pytest.mark.parametrize("environment, message", [
+    (dict(WORLD_SIZE="1", RANK="5"), "RANK must lie in [0, WORLD_SIZE = 1), got 5"),  # hung before
+    (dict(WORLD_SIZE="0", RANK="0"), "WORLD_SIZE must be at least 1, got 0"),
+    (dict(WORLD_SIZE="abc", RANK="0"), "WORLD_SIZE must be a non-negative integer, got 'abc'"),
+    (dict(WORLD_SIZE="-2", RANK="0"), "WORLD_SIZE must be a non-negative integer, got '-2'"),
+    (dict(WORLD_SIZE="2", RANK="x"), "RANK must be a non-negative integer, got 'x'"),
+    (dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR=None), "MASTER_ADDR is not set (torchrun sets it)"),
+    (dict(WORLD_SIZE="2", RANK="1", MASTER_PORT="http"), "MASTER_PORT must be a port number, got 'http'"),
+])
+def test_distributed_launch_environment(monkeypatch, capsys, environment, message):
+    """torchrun's variables are checked before a process group waits on them."""
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **environment}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert error_line(["--distributed", "--loss", "arcface"], capsys) == f"--distributed: {message}\n"

@@ -75,6 +75,29 @@ def _check_plot(p, path):
         p.error(f"--plot {path}: matplotlib cannot write .{suffix} files, only {', '.join(sorted(formats))}")
 
 
+def _launch_environment(p):
+    """torchrun's variables, checked before any process group waits on them: the world
+    size, or exit 2 and one line (a rank outside the world would wait for peers forever)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        p.error("--distributed: launch with torchrun (WORLD_SIZE and RANK are not set)")
+    values = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        text = os.environ.get(name, "0")
+        if not text.isdigit():
+            p.error(f"--distributed: {name} must be a non-negative integer, got {text!r}")
+        values[name] = int(text)
+    if values["WORLD_SIZE"] < 1:
+        p.error(f"--distributed: WORLD_SIZE must be at least 1, got {values['WORLD_SIZE']}")
+    if values["RANK"] >= values["WORLD_SIZE"]:
+        p.error(f"--distributed: RANK must lie in [0, WORLD_SIZE = {values['WORLD_SIZE']}), got {values['RANK']}")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            p.error(f"--distributed: {name} is not set (torchrun sets it)")
+    if not os.environ["MASTER_PORT"].isdigit() or not 0 < int(os.environ["MASTER_PORT"]) < 65536:
+        p.error(f"--distributed: MASTER_PORT must be a port number, got {os.environ['MASTER_PORT']!r}")
+    return values["WORLD_SIZE"]
+
+
 def parse_args(argv):
     defaults = Config()
     p = Parser(prog="facekernels-train", description=__doc__)
@@ -128,11 +151,9 @@ def parse_args(argv):
         p.error(f"--batch-size must be a multiple of {args.per_person}, at least {2 * args.per_person}, "
                 f"got {args.batch_size}")
     if args.distributed:
-        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-            p.error("--distributed: launch with torchrun (WORLD_SIZE and RANK are not set)")
+        world = _launch_environment(p)
         if args.loss not in DISTRIBUTED_MARGINS:
             p.error(f"--distributed trains --loss {' or '.join(DISTRIBUTED_MARGINS)}, got --loss {args.loss}")
-        world = int(os.environ["WORLD_SIZE"])
         if args.batch_size % (world * args.per_person):
             p.error(f"--distributed: --batch-size must be a multiple of {world * args.per_person} "
                     f"(world size {world} x {args.per_person} photos per person), got {args.batch_size}")
