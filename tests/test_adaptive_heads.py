@@ -427,6 +427,29 @@ def test_drop_sub_centers_matches_the_reference(device, rows_per_step):
     assert torch.equal(single.weight[5], head.weight[15])
 
 
+def test_drop_sub_centers_nan_rows_neither_vote_nor_hide(device):
+    """Three NaN samples of class 0 used to vote for its sub-center 0 (the argmax of a NaN
+    row) and were never outliers; the two finite ones were flagged instead."""
+    head = facekernels.SubCenterArcFaceLoss(2, 4, k=3).to(device, F64)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(4, dtype=F64, device=device)[[0, 1, 2, 3, 0, 1]])
+    x = torch.tensor([[0.0, 1.0, 0.1, 0.0], [0.1, 1.0, 0.0, 0.0]] + [[math.nan] * 4] * 3
+                     + [[0.0, 0.0, 0.0, 1.0]], dtype=F64, device=device)
+    y = torch.tensor([0, 0, 0, 0, 0, 1], device=device)
+    single, outliers = head.drop_sub_centers(x, y, threshold=30.0)
+    assert torch.equal(single.weight[0], head.weight[1])  # the finite samples' sub-center
+    assert outliers.tolist() == [2, 3, 4]
+    dominant, expected = reference.subcenter_dominant(x, head.weight, y, k=3, threshold=30.0)
+    assert torch.equal(single.weight.detach(), dominant) and torch.equal(outliers, expected)
+
+
+@pytest.mark.parametrize("rows_per_step", [0, -1, 1.5, True])
+def test_drop_sub_centers_rows_per_step_must_be_a_positive_int(rows_per_step):
+    head = facekernels.SubCenterArcFaceLoss(2, 4, k=3)
+    with pytest.raises(ValueError, match="drop_sub_centers: rows_per_step must be a positive int"):
+        head.drop_sub_centers(torch.randn(3, 4), torch.tensor([0, 1, 0]), rows_per_step=rows_per_step)
+
+
 def test_sub_center_logits_and_predictions_are_per_class():
     head = facekernels.SubCenterArcFaceLoss(9, 6, k=3)
     x, y = make_batch(12, 6, 9, "cpu", torch.float32)

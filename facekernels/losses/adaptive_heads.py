@@ -221,13 +221,17 @@ class SubCenterArcFaceLoss(_AdaptiveHead):
         its most voted one (ties: the lowest index; no samples: sub-center 0). Returns
         (ArcFaceLoss with those rows as its weight and this head's margin, scale, reduction
         and chunk size; int64 indices of the samples more than `threshold` degrees from
-        their class's dominant sub-center, ascending), to retrain on the clean samples. Reads
-        `rows_per_step` samples at a time and keeps each one's K cosines; never N x C."""
+        their class's dominant sub-center, ascending), to retrain on the clean samples. A
+        sample whose embedding is not finite has no angle: it does not vote and counts as an
+        outlier. Reads `rows_per_step` samples at a time and keeps each one's K cosines;
+        never N x C."""
         owner = "SubCenterArcFaceLoss.drop_sub_centers"
         self.check_embeddings(owner, embeddings)
         check_labels(owner, labels, embeddings)
         check_label_range(owner, labels, self.num_classes)
         threshold = check_number(owner, "threshold", threshold, 0.0, 180.0)
+        if not isinstance(rows_per_step, int) or isinstance(rows_per_step, bool) or rows_per_step < 1:
+            raise ValueError(f"{owner}: rows_per_step must be a positive int, got {rows_per_step!r}")
         c, k, d = self.num_classes, self.sub_centers, self.embedding_size
         centers = F.normalize(_accumulate(self.weight), dim=1).view(c, k, d)
 
@@ -236,9 +240,11 @@ class SubCenterArcFaceLoss(_AdaptiveHead):
             return torch.einsum("nkd,nd->nk", centers[labels[start:start + rows_per_step]], x)
 
         cosines = torch.cat([own_cosines(s) for s in range(0, len(labels), rows_per_step)])
-        votes = torch.bincount(labels * k + cosines.argmax(1), minlength=c * k).view(c, k)
+        finite = cosines.isfinite().all(1)
+        votes = torch.bincount((labels * k + cosines.argmax(1))[finite], minlength=c * k).view(c, k)
         dominant = votes.argmax(1)
-        far = cosines.gather(1, dominant[labels, None]).squeeze(1) < math.cos(math.radians(threshold))
+        near = cosines.gather(1, dominant[labels, None]).squeeze(1) >= math.cos(math.radians(threshold))
+        far = ~(near & finite)
         head = ArcFaceLoss(c, d, margin=self.margin, scale=self.scale, reduction=self.reduction,
                            chunk_size=self.chunk_size).to(self.weight.device, self.weight.dtype)
         head.weight.copy_(self.weight.view(c, k, d)[torch.arange(c, device=dominant.device), dominant])

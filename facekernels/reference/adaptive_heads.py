@@ -277,7 +277,8 @@ def subcenter_dominant(
     samples keeps sub-center 0). ``dominant_weight[c]`` is that row of ``weight`` as given
     (not normalized). Outliers are the samples whose angle to their class's dominant
     sub-center exceeds ``threshold`` degrees, i.e. ``cos < cos(threshold)``, returned in
-    ascending sample order.
+    ascending sample order. A sample with a non-finite embedding has no angle: it does not
+    vote and is an outlier.
 
     Deng, Guo, Liu, Gong, Zafeiriou 2020, "Sub-center ArcFace: Boosting Face Recognition by
     Large-scale Noisy Web Faces" (official: deepinsight/insightface,
@@ -291,13 +292,14 @@ def subcenter_dominant(
         rows = torch.arange(n, device=labels.device)
         own = cos[rows, labels]  # [N, k]: cosines to the sub-centers of the row's own class
         nearest = own.argmax(dim=1)
+        voter = embeddings.isfinite().all(dim=1)
         votes = torch.zeros(classes, k, dtype=torch.int64, device=labels.device)
-        votes.index_put_((labels, nearest), torch.ones_like(labels), accumulate=True)
+        votes.index_put_((labels[voter], nearest[voter]), torch.ones_like(labels[voter]), accumulate=True)
         dominant = votes.argmax(dim=1)  # all-zero votes (no samples) -> 0
         dominant_weight = weight.detach().view(classes, k, d)[
             torch.arange(classes, device=labels.device), dominant]
         to_dominant = own[rows, dominant[labels]]
-        outliers = torch.nonzero(to_dominant < math.cos(math.radians(threshold))).flatten()
+        outliers = torch.nonzero(~voter | (to_dominant < math.cos(math.radians(threshold)))).flatten()
     return dominant_weight, outliers
 
 
