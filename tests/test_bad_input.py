@@ -82,3 +82,30 @@ def test_non_finite_embeddings_give_nan_rows_only():
     loss = head(x, torch.arange(6))
     assert torch.isnan(loss).tolist() == [False, True, False, False, True, False]
     assert torch.isnan(facekernels.ArcFaceLoss(10, 8)(x, torch.arange(6)))
+
+
+LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: facekernels.TripletMarginLoss(embedding_regularizer=5), TypeError,
+     "TripletMarginLoss: embedding_regularizer must be None or a callable"),
+    (lambda: facekernels.ContrastiveLoss(embedding_regularizer="l2"), TypeError,
+     "ContrastiveLoss: embedding_regularizer must be None or a callable"),
+    (lambda: facekernels.TripletMarginLoss(mining=["hard"]), ValueError, "TripletMarginLoss: mining must be one of"),
+    (lambda: facekernels.TripletMiner(type_of_triplets=["hard"]), ValueError,
+     "TripletMiner: type_of_triplets must be one of"),
+    (lambda: facekernels.sphereface_loss(embeddings(), torch.randn(3, 8), LABELS % 3, margin=-1), ValueError,
+     "sphereface_loss: margin must be"),
+    (lambda: facekernels.sphereface_loss(embeddings(), torch.randn(3, 8), LABELS % 3, lambda_=NAN), ValueError,
+     "sphereface_loss: lambda_ must be"),
+    (lambda: facekernels.ArcFaceLoss(10, 8, reduction="avg"), ValueError, "ArcFaceLoss: reduction must be"),
+    (lambda: facekernels.triplet_margin_loss(embeddings(), LABELS.to("meta")), ValueError,
+     "labels is on meta"),
+    (lambda: facekernels.TripletMiner()(embeddings(), LABELS.to("meta")), ValueError, "TripletMiner: labels is on meta"),
+    (lambda: facekernels.ContrastiveLoss()(embeddings(), LABELS.to("meta")), ValueError,
+     "ContrastiveLoss: labels is on meta"),
+])
+def test_round_two_unclear_errors_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -30,7 +30,7 @@ class _MarginSoftmaxHead(nn.Module):
         super().__init__()
         owner = type(self).__name__
         check_sizes(owner, num_classes, embedding_size)
-        check_modes(reduction, gradient)
+        check_modes(reduction, gradient, owner)
         check_chunk_size(owner, chunk_size)
         self.num_classes = num_classes
         self.embedding_size = embedding_size

@@ -29,6 +29,9 @@ class _MetricLoss(nn.Module):
         check_no_stats(owner, collect_stats)
         self.distance = self._distance if distance is None else distance
         self.reducer = self._reduction if reducer is None else reducer
+        if embedding_regularizer is not None and not callable(embedding_regularizer):
+            raise TypeError(f"{owner}: embedding_regularizer must be None or a callable regularizer "
+                            f"(embeddings -> loss), got {embedding_regularizer!r}")
         self.embedding_regularizer = embedding_regularizer
 
     def _regularized(self, loss, embeddings):

@@ -7,7 +7,11 @@ import torch
 
 
 def check_choice(op, name, value, allowed):
-    if value not in allowed:
+    try:
+        known = value in allowed
+    except TypeError:  # an unhashable value (a list) is no key of a dict of choices
+        known = False
+    if not known:
         raise ValueError(f"{op}: {name} must be one of {tuple(allowed)}, got {value!r}")
 
 

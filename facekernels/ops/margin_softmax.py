@@ -41,9 +41,9 @@ def check_chunk_size(owner, chunk_size):
         raise ValueError(f"{owner}: chunk_size must be a positive int below 2^63, got {chunk_size!r}")
 
 
-def check_modes(reduction, gradient):
-    check_choice(_OP, "reduction", reduction, _REDUCTIONS)
-    check_choice(_OP, "gradient", gradient, _GRADIENTS)
+def check_modes(reduction, gradient, owner=_OP):
+    check_choice(owner, "reduction", reduction, _REDUCTIONS)
+    check_choice(owner, "gradient", gradient, _GRADIENTS)
 
 
 def accumulate_dtype(dtype):
@@ -300,6 +300,9 @@ def sphereface_loss(
     - 2k, k = floor(m theta / pi), and r_i = scale |x_i| (scale when normalize_embeddings).
     Other arguments as margin_softmax_loss.
     """
+    # Named as the caller wrote them (the op knows them as m1 and sphere_lambda).
+    check_number("sphereface_loss", "margin", margin, 0.0)
+    check_number("sphereface_loss", "lambda_", lambda_, 0.0)
     return fused_margin_loss(
         embeddings, weight, labels, kind=SPHERE, scale=scale, m1=margin, m2=0.0, m3=0.0,
         sphere_lambda=lambda_, gradient=gradient, normalize_embeddings=normalize_embeddings,

@@ -31,6 +31,9 @@ def metric_labels(op, name, labels, embeddings):
     if labels.shape != (embeddings.shape[0],):
         raise ValueError(f"{op}: {name} must have shape [{embeddings.shape[0]}] to match the "
                          f"{'ref_emb' if name == 'ref_labels' else 'embeddings'}, got {tuple(labels.shape)}")
+    if labels.device.type == "meta" and embeddings.device.type != "meta":
+        raise ValueError(f"{op}: {name} is on meta (no values to move) but the embeddings are on "
+                         f"{embeddings.device}")
     return labels.to(device=embeddings.device, dtype=torch.int64)
 
 
