@@ -38,6 +38,10 @@ def panels(benchmarks, device):
             if len({point[0] for points in impls.values() for point in points}) > 1}
 
 
+def _short(size):
+    return f"{size // 1000}K" if size >= 10_000 and size % 1000 == 0 else str(size)
+
+
 def plot(found, device, path):
     fig, axes = plt.subplots(len(found), 2, figsize=(11, 3.6 * len(found)), squeeze=False)
     for row, ((name, fixed, size), impls) in zip(axes, sorted(found.items())):
@@ -49,18 +53,25 @@ def plot(found, device, path):
             xs = [p[0] for p in points]
             style = STYLES.get(impl, dict(marker="."))
             row[0].plot(xs, [p[1] for p in points], label=impl, **style)
-            memory = [(x, p[2]) for x, p in zip(xs, points) if p[2] is not None]
+            # The CPU figure is a resident-set difference: a few MB of noise, never below 0.
+            memory = [(x, max(p[2], 0.0)) for x, p in zip(xs, points) if p[2] is not None]
             if memory:
                 row[1].plot(*zip(*memory), label=impl, **style)
         label = dict(SIZES)[size]
-        row[0].set(title=f"{title}: time", xlabel=label, ylabel="median ms", xscale="log", yscale="log")
-        row[1].set(title=f"{title}: peak extra memory", xlabel=label, ylabel="MB", xscale="log",
-                   yscale="symlog")
+        sizes = sorted({p[0] for points in impls.values() for p in points})
+        row[0].set(title=f"{title}: time", ylabel="median ms", yscale="log")
+        row[1].set(title=f"{title}: peak extra memory", ylabel="MB")
+        row[1].set_yscale("symlog", linthresh=1.0)
+        row[1].set_ylim(bottom=0)
         for ax in row:
-            ax.grid(True, which="both", alpha=0.3)
+            ax.set_xscale("log")
+            ax.set_xticks(sizes, [_short(x) for x in sizes], minor=False)
+            ax.set_xticks([], minor=True)
+            ax.set_xlabel(label)
+            ax.grid(True, which="major", alpha=0.3)
             ax.legend(fontsize="small")
     fig.suptitle(f"facekernels benchmarks, {device.upper()} (pytest-benchmark medians of one run)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=100)
 
 

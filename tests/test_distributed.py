@@ -177,6 +177,8 @@ def bad_input_on_one_rank(rank, world):
     assert head(local(x, rank), local(y, rank)).isfinite()  # still usable: nobody hung
     with pytest.raises(ValueError, match=r"num_classes \(2\) must be at least the world size \(3\)"):
         PartialFC(Margin(*MARGINS["arcface"]), D, 2)
+    with pytest.raises(TypeError, match="PartialFC: generator must be a torch.Generator or None, got 5"):
+        PartialFC(Margin(*MARGINS["arcface"]), D, C, sample_rate=0.5, generator=5)
 
 
 def insightface_parity(rank, world):

@@ -122,6 +122,8 @@ class PartialFC(nn.Module):
                              f"size ({self.world_size}): every rank holds a shard")
         self.sample_rate = check_number("PartialFC", "sample_rate", sample_rate, 0.0, 1.0)
         check_choice("PartialFC", "gradient", gradient, ("detached", "exact"))
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"PartialFC: generator must be a torch.Generator or None, got {generator!r}")
         self.scale, self.m1, self.m2, self.m3, self.interclass_filtering_threshold = _margins(margin_loss)
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.fp16, self.gradient, self.generator = bool(fp16), gradient, generator
