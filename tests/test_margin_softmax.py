@@ -308,6 +308,20 @@ def test_torch_compile_fullgraph(device):
         assert_close(compiled_w, eager_w)
 
 
+def test_two_compiled_heads_in_one_process(device):
+    """A second head with another margin made dynamo see the margin as a symbolic float,
+    which the margin check could not trace ("torch.* op returned non-Tensor"). So did
+    AdaFace after CurricularFace."""
+    torch._dynamo.reset()
+    x, _, y = make_batch(12, 16, 30, device)
+    heads = [facekernels.ArcFaceLoss(30, 16, margin=0.5), facekernels.ArcFaceLoss(30, 16, margin=0.3),
+             facekernels.CurricularFaceLoss(30, 16), facekernels.AdaFaceLoss(30, 16)]
+    for head in heads:
+        head.to(device).eval()  # eval: the adaptive heads' running state stays put
+        assert_close(torch.compile(head, fullgraph=True)(x, y), head(x, y))
+    torch._dynamo.reset()
+
+
 def test_compiled_bad_label_raises_as_in_eager(device):
     # The range check lives in the op's C++ forward, so a compiled graph runs it too.
     torch._dynamo.reset()

@@ -16,9 +16,12 @@ def check_choice(op, name, value, allowed):
 
 
 def check_number(op, name, value, low=-math.inf, high=math.inf):
-    """A finite int or float (not a bool) in [low, high], returned as a float."""
+    """A finite int or float (not a bool) in [low, high], returned as a float. Plain
+    arithmetic (x - x is 0 for finite x only), not math.isfinite: under torch.compile a
+    module's float attribute may arrive symbolic (dynamo makes floats that differ between
+    compiled modules dynamic), and the comparisons become the graph's guards."""
     if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not math.isfinite(value) or not low <= value <= high):
+            or not value - value == 0 or not low <= value <= high):
         bounds = "" if (low, high) == (-math.inf, math.inf) else f" in [{low}, {high}]"
         raise ValueError(f"{op}: {name} must be a finite number{bounds}, got {value!r}")
     return float(value)
