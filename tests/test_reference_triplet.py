@@ -381,3 +381,16 @@ def test_bad_arguments_raise():
         triplet_margin_loss(SQUARE, LABELS, reduction="avg")
     with pytest.raises(ValueError, match="indices_tuple"):
         triplet_margin_loss(SQUARE, LABELS, indices_tuple=(torch.tensor([0]), torch.tensor([1])))
+
+
+
+def test_a_nan_row_makes_the_reduced_loss_nan_as_the_kernels_do():
+    """The oracle follows the policy of the kernel it judges: NaN triplets are never mined,
+    but a finite loss whose gradients are NaN would hide the bad embedding."""
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[1, 0] = float("nan")
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    for reduction in ("mean_nonzero", "mean", "sum"):
+        assert triplet_margin_loss(x, y, reduction=reduction).isnan()
+    losses = triplet_margin_loss(x, y, reduction="none")  # per triplet: NaN only where row 1 is
+    assert losses.isnan().any() and not losses.isnan().all()

@@ -1,6 +1,7 @@
 """Reference triplet mining and triplet margin loss, with pytorch-metric-learning's
 TripletMarginMiner / TripletMarginLoss semantics (default AvgNonZeroReducer)."""
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -247,7 +248,11 @@ def triplet_margin_loss(
     if reduction == "none":
         return losses
     if reduction == "mean_nonzero":
-        return _mean_nonzero(losses)
-    if reduction == "mean" and losses.numel() > 0:
-        return losses.mean()
-    return losses.sum()  # "sum", or "mean" of no triplets: 0 rather than NaN
+        reduced = _mean_nonzero(losses)
+    elif reduction == "mean" and losses.numel() > 0:
+        reduced = losses.mean()
+    else:
+        reduced = losses.sum()  # "sum", or "mean" of no triplets: 0 rather than NaN
+    # NaN triplets are never mined, but a finite loss whose gradients are NaN would hide the
+    # bad embedding: any NaN distance makes the reduced loss NaN.
+    return torch.where(dis.isnan().any(), torch.full_like(reduced, math.nan), reduced)
