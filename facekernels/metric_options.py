@@ -43,6 +43,21 @@ def resolve_distance(owner, distance, normalize_embeddings):
     return name, distance.normalize_embeddings
 
 
+class ReadsDistance:
+    """pytorch-metric-learning's distance contract for a module: checked at construction,
+    and read again at every call, as PML reads its distance object (whose p, power and
+    normalize_embeddings a user may change after handing it over)."""
+
+    def _set_distance(self, owner, distance, normalize_embeddings):
+        self._owner, self._normalize_argument = owner, normalize_embeddings
+        self._distance, self.normalize_embeddings = resolve_distance(owner, distance, normalize_embeddings)
+        self.distance = self._distance if distance is None else distance
+
+    def _read_distance(self):
+        self._distance, self.normalize_embeddings = resolve_distance(
+            self._owner, self.distance, self._normalize_argument)
+
+
 def resolve_reducer(owner, reducer):
     """(reduction, as_loss_dict): "mean_nonzero" (None), "mean", "sum", "none", or PML's
     AvgNonZeroReducer(), MeanReducer(), SumReducer(), DoNothingReducer() (PML's loss dict)."""

@@ -3,12 +3,12 @@ directly as a loss's indices_tuple."""
 
 from torch import nn
 
-from facekernels.metric_options import check_no_stats, resolve_distance
+from facekernels.metric_options import ReadsDistance, check_no_stats
 from facekernels.ops.checks import check_choice, check_number
 from facekernels.ops.triplet import TRIPLET_TYPES, mine_triplets
 
 
-class TripletMiner(nn.Module):
+class TripletMiner(ReadsDistance, nn.Module):
     """Mines triplets (a, p, n) in one pass over the pairwise distances, in O(N^2) memory;
     a drop-in for pytorch-metric-learning's TripletMarginMiner.
 
@@ -36,13 +36,12 @@ class TripletMiner(nn.Module):
         super().__init__()
         check_choice("TripletMiner", "type_of_triplets", type_of_triplets, TRIPLET_TYPES)
         self.margin = check_number("TripletMiner", "margin", margin)
-        self._distance, self.normalize_embeddings = resolve_distance(
-            "TripletMiner", distance, normalize_embeddings)
+        self._set_distance("TripletMiner", distance, normalize_embeddings)
         check_no_stats("TripletMiner", collect_stats)
         self.type_of_triplets = type_of_triplets
-        self.distance = self._distance if distance is None else distance
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        self._read_distance()
         return mine_triplets(
             embeddings, labels, margin=self.margin, type_of_triplets=self.type_of_triplets,
             distance=self._distance, normalize_embeddings=self.normalize_embeddings,

@@ -221,3 +221,21 @@ def test_bad_reference_set():
 def test_facekernels_does_not_import_pml():
     code = "import sys, facekernels; sys.exit('pytorch_metric_learning' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_distance_changed_after_construction_is_read_at_every_call_as_pml():
+    """PML reads its distance object at every forward: a p or power changed later counts."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+    for ours, theirs, calls in (
+        (facekernels.TripletMarginLoss, losses.TripletMarginLoss, lambda f: f(x, y)),
+        (facekernels.ContrastiveLoss, losses.ContrastiveLoss, lambda f: f(x, y)),
+        (facekernels.TripletMiner, miners.TripletMarginMiner, lambda f: torch.stack(f(x, y))),
+    ):
+        mine, pmls = distances.LpDistance(p=2, power=1), distances.LpDistance(p=2, power=1)
+        f, h = ours(distance=mine), theirs(distance=pmls)
+        before = calls(f)
+        mine.power = pmls.power = 2
+        after = calls(f)
+        assert_close(after.float(), calls(h).float(), torch.float32)
+        assert not torch.equal(before, after)

@@ -3,7 +3,7 @@ double-margin contrastive loss."""
 
 from torch import nn
 
-from facekernels.metric_options import check_no_stats, resolve_distance, resolve_reducer
+from facekernels.metric_options import ReadsDistance, check_no_stats, resolve_reducer
 from facekernels.ops.checks import check_choice, check_number
 from facekernels.ops.contrastive import contrastive_pair_losses, double_margin_contrastive_loss
 from facekernels.ops.triplet import (
@@ -14,7 +14,7 @@ from facekernels.ops.triplet import (
 )
 
 
-class _MetricLoss(nn.Module):
+class _MetricLoss(ReadsDistance, nn.Module):
     """pytorch-metric-learning's loss arguments: distance and reducer as our strings or
     PML's objects (facekernels.metric_options), and an embedding regularizer added with its
     weight, as PML's EmbeddingRegularizerMixin does."""
@@ -23,11 +23,10 @@ class _MetricLoss(nn.Module):
                  collect_stats, normalize_embeddings):
         super().__init__()
         owner = type(self).__name__
-        self._distance, self.normalize_embeddings = resolve_distance(owner, distance, normalize_embeddings)
+        self._set_distance(owner, distance, normalize_embeddings)
         self._reduction, self._as_loss_dict = resolve_reducer(owner, reducer)
         self.embedding_reg_weight = check_number(owner, "embedding_reg_weight", embedding_reg_weight)
         check_no_stats(owner, collect_stats)
-        self.distance = self._distance if distance is None else distance
         self.reducer = self._reduction if reducer is None else reducer
         if embedding_regularizer is not None and not callable(embedding_regularizer):
             raise TypeError(f"{owner}: embedding_regularizer must be None or a callable regularizer "
@@ -75,6 +74,7 @@ class TripletMarginLoss(_MetricLoss):
         self.triplets_per_anchor, self.mining = triplets_per_anchor, mining
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        self._read_distance()
         kw = dict(margin=self.margin, mining=self.mining, distance=self._distance, swap=self.swap,
                   smooth_loss=self.smooth_loss, triplets_per_anchor=self.triplets_per_anchor,
                   normalize_embeddings=self.normalize_embeddings, indices_tuple=indices_tuple,
@@ -109,6 +109,7 @@ class ContrastiveLoss(_MetricLoss):
         self.neg_margin = check_number("ContrastiveLoss", "neg_margin", neg_margin)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        self._read_distance()
         kw = dict(pos_margin=self.pos_margin, neg_margin=self.neg_margin, distance=self._distance,
                   normalize_embeddings=self.normalize_embeddings, indices_tuple=indices_tuple,
                   ref_emb=ref_emb, ref_labels=ref_labels)
