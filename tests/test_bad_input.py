@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import facekernels
+from facekernels.ops.margin_softmax import margin_softmax_rows
 
 NAN, INF = float("nan"), float("inf")
 
@@ -109,3 +110,14 @@ LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
 def test_round_two_unclear_errors_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (dict(labels_in_range="yes"), "margin_softmax_loss: labels_in_range must be a bool, got 'yes'"),
+    (dict(rows=[0, 2, 4]), "margin_softmax_loss: rows must be an int64 tensor or None, got list"),
+])
+def test_margin_softmax_rows_types(extra, match):
+    with pytest.raises(TypeError, match=match):
+        margin_softmax_rows(embeddings(), torch.randn(9, 8), LABELS, kind=0, scale=16.0, m1=1.0, m2=0.5,
+                            m3=0.0, sphere_lambda=0.0, gradient="exact", normalize_embeddings=True,
+                            normalize_weight=True, chunk_size=4, **extra)

@@ -173,6 +173,10 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
     check_tensors(embeddings, weight, labels)
     check_choice(_OP, "gradient", gradient, _GRADIENTS)
     check_sub_centers(_OP, "sub_centers", sub_centers)
+    if not isinstance(labels_in_range, bool):
+        raise TypeError(f"{_OP}: labels_in_range must be a bool, got {labels_in_range!r}")
+    if rows is not None and not isinstance(rows, torch.Tensor):
+        raise TypeError(f"{_OP}: rows must be an int64 tensor or None, got {type(rows).__name__}")
     for name, values in (("row_m2", row_m2), ("row_m3", row_m3),
                          ("hard_threshold", hard_threshold), ("hard_t", hard_t)):
         _check_row_values(name, values, embeddings)
