@@ -89,7 +89,8 @@ class RunResult:
         }
 
 
-def _sync(device):
+def synchronize(device):
+    """Waits for the device's queued work, so that a wall-clock reading covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -122,10 +123,10 @@ def _check_parity(objective, embeddings, labels, parity_fp64):
     reference loss and gradients in fp32 on this step's batch and parameters, to compare
     with that call, and the seconds they took; and both formulas in float64, compared
     right away."""
-    _sync(embeddings.device)
+    synchronize(embeddings.device)
     start = time.perf_counter()
     expected = _loss_and_grads(objective.reference_loss, objective, embeddings, labels, torch.float32)
-    _sync(embeddings.device)
+    synchronize(embeddings.device)
     seconds = time.perf_counter() - start
     fused64, grads64, _ = _loss_and_grads(objective.fused_loss, objective, embeddings, labels, torch.float64)
     reference64, reference_grads64, _ = _loss_and_grads(
@@ -163,7 +164,7 @@ def train(config, train_set, held_out, impl, state, parity=False, fold=""):
 
     result = RunResult(parity=Parity() if parity else None,
                        parity_fp64=Parity() if parity else None)
-    step_seconds = loss_seconds = 0.0
+    step_seconds = 0.0
     reset_peak(device)
     desc = f"{config.loss} [{impl}]" + (f" fold {fold}" if fold else "")
     bar = tqdm(total=total, desc=desc, disable=None if rank == 0 else True)
@@ -174,27 +175,25 @@ def train(config, train_set, held_out, impl, state, parity=False, fold=""):
             x = augment(images[batch], generator)[rank::world].to(device)  # this rank's share
             batch = batch[rank::world]
             y = labels[batch].to(device)
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             with autocast():
                 embeddings = model(x)
             e = embeddings.detach().float().requires_grad_()
             if parity:
-                _sync(device)
+                synchronize(device)
                 paused = time.perf_counter()
                 (expected, expected_grads, names), seconds = _check_parity(objective, e, y, result.parity_fp64)
                 result.reference_loss_step_ms.append(1e3 * seconds)
-                _sync(device)
+                synchronize(device)
                 start += time.perf_counter() - paused
-            _sync(device)
+            synchronize(device)
             loss_start = time.perf_counter()
             with autocast():
                 loss, predicted = objective(e, y, impl)
             loss.backward()
-            _sync(device)
-            elapsed = time.perf_counter() - loss_start
-            loss_seconds += elapsed
-            result.loss_step_ms.append(1e3 * elapsed)
+            synchronize(device)
+            result.loss_step_ms.append(1e3 * (time.perf_counter() - loss_start))
             if parity:
                 by_name = dict(objective.tensors())
                 result.parity.update(loss.detach(), expected, [e.grad] + [by_name[n].grad for n in names],
@@ -203,7 +202,7 @@ def train(config, train_set, held_out, impl, state, parity=False, fold=""):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
-            _sync(device)
+            synchronize(device)
             step_seconds += time.perf_counter() - start
             result.losses.append(float(loss.detach()))
             if predicted is not None:
@@ -216,7 +215,7 @@ def train(config, train_set, held_out, impl, state, parity=False, fold=""):
     bar.close()
     result.peak_mem_mb = peak_bytes(device) / 2**20
     result.step_ms = 1e3 * step_seconds / total
-    result.loss_ms = 1e3 * loss_seconds / total
+    result.loss_ms = statistics.fmean(result.loss_step_ms)
     backbone = model.module if config.distributed else model
     result.verification, result.roc = evaluate(backbone, held_out, device, config.seed)
     return result

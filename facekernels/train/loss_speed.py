@@ -12,6 +12,7 @@ import torch
 
 import facekernels
 from facekernels import reference
+from facekernels.train.loop import synchronize
 from facekernels.train.memory import current_bytes, peak_bytes, reset_peak
 
 # Face-model scale per device: what fits a few seconds on a CPU, DESIGN.md's GPU workload.
@@ -22,20 +23,15 @@ MARGINS = {"cosface": dict(m3=0.35), "combined": dict(m1=1.0, m2=0.3, m3=0.2)}
 IMPLS = {"reference": reference.margin_softmax_loss, "facekernels": facekernels.margin_softmax_loss}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _once(fn, x, weight, labels, margins, device):
     """Seconds and peak extra bytes of one forward + backward."""
     xr, wr = x.detach().requires_grad_(), weight.detach().requires_grad_()
-    _sync(device)
+    synchronize(device)
     before = current_bytes(device)
     reset_peak(device)
     start = time.perf_counter()
     fn(xr, wr, labels, scale=64.0, **margins).backward()
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return seconds, max(peak_bytes(device) - before, 0)
 
