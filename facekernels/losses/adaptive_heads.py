@@ -8,13 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from facekernels.losses.margin_heads import ArcFaceLoss, _MarginSoftmaxHead
-from facekernels.ops.checks import check_choice, check_label_range, check_labels, check_number
+from facekernels.ops.checks import (
+    check_choice,
+    check_label_range,
+    check_labels,
+    check_number,
+    check_positive_int,
+)
 from facekernels.ops.margin_softmax import (
     ADAFACE,
     COMBINED,
     EASY,
     accumulate_dtype,
-    check_sub_centers,
     check_tensors,
 )
 
@@ -206,7 +211,7 @@ class SubCenterArcFaceLoss(_AdaptiveHead):
 
     def __init__(self, num_classes, embedding_size, k=3, margin=0.5, scale=64.0,
                  reduction="mean", chunk_size=None):
-        k = check_sub_centers("SubCenterArcFaceLoss", "k", k)
+        k = check_positive_int("SubCenterArcFaceLoss", "k", k)
         margin = check_number("SubCenterArcFaceLoss", "margin", margin)
         super().__init__(num_classes, embedding_size, scale, reduction, chunk_size, k)
         self.margin = margin
@@ -230,8 +235,7 @@ class SubCenterArcFaceLoss(_AdaptiveHead):
         check_labels(owner, labels, embeddings)
         check_label_range(owner, labels, self.num_classes)
         threshold = check_number(owner, "threshold", threshold, 0.0, 180.0)
-        if not isinstance(rows_per_step, int) or isinstance(rows_per_step, bool) or rows_per_step < 1:
-            raise ValueError(f"{owner}: rows_per_step must be a positive int, got {rows_per_step!r}")
+        check_positive_int(owner, "rows_per_step", rows_per_step)
         c, k, d = self.num_classes, self.sub_centers, self.embedding_size
         centers = F.normalize(_accumulate(self.weight), dim=1).view(c, k, d)
 

@@ -27,6 +27,13 @@ def check_number(op, name, value, low=-math.inf, high=math.inf):
     return float(value)
 
 
+def check_positive_int(op, name, value):
+    """An int (not a bool) >= 1, returned."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+    return value
+
+
 def check_embeddings(op, embeddings, name="embeddings", allow_empty=False):
     """A floating-point [N, D] tensor with D >= 1 and N >= 1 (N >= 0 when allow_empty)."""
     if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():

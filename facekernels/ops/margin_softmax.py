@@ -9,6 +9,7 @@ from facekernels.ops.checks import (
     check_labels,
     check_number,
     check_one_device,
+    check_positive_int,
     check_rows,
 )
 
@@ -147,12 +148,6 @@ def _check_row_values(name, values, embeddings):
                          f"{embeddings.device}, got {tuple(values.shape)} on {values.device}")
 
 
-def check_sub_centers(owner, name, sub_centers):
-    if not isinstance(sub_centers, int) or isinstance(sub_centers, bool) or sub_centers < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {sub_centers!r}")
-    return sub_centers
-
-
 def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, sphere_lambda,
                         gradient, normalize_embeddings, normalize_weight, chunk_size,
                         labels_in_range=True, rows=None, interclass_filtering_threshold=0.0,
@@ -172,7 +167,7 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
     """
     check_tensors(embeddings, weight, labels)
     check_choice(_OP, "gradient", gradient, _GRADIENTS)
-    check_sub_centers(_OP, "sub_centers", sub_centers)
+    check_positive_int(_OP, "sub_centers", sub_centers)
     if not isinstance(labels_in_range, bool):
         raise TypeError(f"{_OP}: labels_in_range must be a bool, got {labels_in_range!r}")
     if rows is not None and not isinstance(rows, torch.Tensor):
