@@ -17,14 +17,29 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $("$python" --version)"
   "$python" -m venv .venv
 fi
+compiling() {
+  ps -eo args | grep -o "$PWD/csrc/[^ ]*\.\(cpp\|cu\)" | sed "s|^$PWD/||" | sort -u | paste -sd, - | sed 's/,/, /g'
+}
+# Every 30 s while a phase runs: that it still does, and which files are compiling.
+heartbeat() {
+  local since=$SECONDS files
+  while sleep 30; do
+    files=$(compiling)
+    say "  ... still $1, $(clock $((SECONDS - since))) so far${files:+: compiling $files}"
+  done
+}
+beat() { [ "$quiet" = 1 ] || { heartbeat "$1" & }; }
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+
 say "installing torch 2.14.1, setuptools and ninja into .venv (about 1 GB the first time)"
+beat "installing torch"
 .venv/bin/python -m pip install -q torch==2.14.1 setuptools wheel ninja
+kill $(jobs -p) 2>/dev/null || true
 say "installing facekernels' dependencies, then building the extension"
 
 # pip -v carries setup.py's plan and ninja's [k/n] lines (printed as each file is done):
-# show those, keep the rest in a log; every 30 s name the files still compiling.
+# show those, keep the rest in a log.
 log=.venv/build.log
-build_start=$SECONDS
 show_progress() {
   local line plan=""
   while IFS= read -r line; do
@@ -36,18 +51,7 @@ show_progress() {
     esac
   done
 }
-compiling() {
-  ps -eo args | grep -o "$PWD/csrc/[^ ]*\.\(cpp\|cu\)" | sed "s|^$PWD/||" | sort -u | paste -sd, - | sed 's/,/, /g'
-}
-heartbeat() {
-  local files
-  while sleep 30; do
-    files=$(compiling)
-    say "  ... still building, $(clock $((SECONDS - build_start))) so far${files:+: compiling $files}"
-  done
-}
-[ "$quiet" = 1 ] || { heartbeat & }
-trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+beat "building"
 if ! .venv/bin/python -m pip install -v --no-build-isolation -e '.[test,bench,plot]' 2>&1 | tee "$log" | show_progress; then
   echo "install.sh: the build failed; the last lines of $log:" >&2
   tail -n 40 "$log" >&2
