@@ -24,7 +24,7 @@ compiling() {
 heartbeat() {
   local since=$SECONDS files
   while sleep 30; do
-    files=$(compiling)
+    files=$(compiling || true)  # none (grep finds nothing) must not end the heartbeat: set -e
     say "  ... still $1, $(clock $((SECONDS - since))) so far${files:+: compiling $files}"
   done
 }
