@@ -109,40 +109,51 @@ struct WeightChunk {
   at::Tensor rows, inverse, norms;
 };
 
-// The classes the op sees: the weight's rows in groups of K sub-centers, or weight[rows]
-// (read chunk by chunk; K = 1).
+// The classes the op sees: the weight's rows in groups of K sub-centers, all of them or
+// those of the classes `rows` (read chunk by chunk).
 struct Classes {
   const at::Tensor& weight;
-  std::optional<at::Tensor> rows;
+  std::optional<at::Tensor> weight_rows;  // of the classes `rows`, K per class
   int64_t sub_centers;
 
-  int64_t count() const { return rows ? rows->size(0) : weight.size(0) / sub_centers; }
+  int64_t count() const {
+    return (weight_rows ? weight_rows->size(0) : weight.size(0)) / sub_centers;
+  }
   // The weight rows of classes start..start+length.
   at::Tensor chunk(int64_t start, int64_t length) const {
-    return rows ? weight.index_select(0, rows->narrow(0, start, length))
-                : weight.narrow(0, start * sub_centers, length * sub_centers);
+    return weight_rows ? weight.index_select(0, rows_of(start, length))
+                       : weight.narrow(0, start * sub_centers, length * sub_centers);
+  }
+  at::Tensor rows_of(int64_t start, int64_t length) const {
+    return weight_rows->narrow(0, start * sub_centers, length * sub_centers);
   }
 };
 
-// rows: int64 on the weight's device, strictly increasing (so the weight gradient is written
-// by index_copy_, no accumulation), within [0, weight rows). Reads the values: one sync.
+// rows: int64 class indices on the weight's device, strictly increasing (so the weight
+// gradient is written by index_copy_, no accumulation), within [0, classes); may be empty
+// (a PartialFC shard that samples none of its classes). Reads the values: one sync.
 Classes classes_of(const at::Tensor& weight, const std::optional<at::Tensor>& rows,
                    int64_t sub_centers) {
   if (!rows) {
     return {weight, std::nullopt, sub_centers};
   }
-  TORCH_CHECK_VALUE(sub_centers == 1, kOp, ": rows cannot select classes of sub-centers");
   const at::Tensor& r = *rows;
   TORCH_CHECK_TYPE(r.scalar_type() == at::kLong, kOp, ": rows must be int64, got ", r.scalar_type());
-  TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) > 0, kOp, ": rows must be a non-empty 1-D tensor, got ",
-                    r.sizes());
+  TORCH_CHECK_VALUE(r.dim() == 1, kOp, ": rows must be a 1-D tensor, got ", r.sizes());
   check_same_device(kOp, "rows", r, weight);
   const at::Tensor c = r.contiguous();
-  TORCH_CHECK_VALUE(c.size(0) == 1 || c.diff().gt(0).all().item<bool>(), kOp,
-                    ": rows must be strictly increasing");
-  TORCH_CHECK_VALUE(c[0].item<int64_t>() >= 0 && c[-1].item<int64_t>() < weight.size(0), kOp,
-                    ": rows must lie in [0, ", weight.size(0), ")");
-  return {weight, c, 1};
+  const int64_t num_classes = weight.size(0) / sub_centers;
+  if (c.size(0) > 0) {
+    TORCH_CHECK_VALUE(c.size(0) == 1 || c.diff().gt(0).all().item<bool>(), kOp,
+                      ": rows must be strictly increasing");
+    TORCH_CHECK_VALUE(c[0].item<int64_t>() >= 0 && c[-1].item<int64_t>() < num_classes, kOp,
+                      ": rows must lie in [0, ", num_classes, ")");
+  }
+  const at::Tensor first = c * sub_centers;
+  const at::Tensor weight_rows =
+      sub_centers == 1 ? c
+                       : (first.unsqueeze(1) + at::arange(sub_centers, c.options())).reshape(-1);
+  return {weight, weight_rows, sub_centers};
 }
 
 WeightChunk weight_chunk(const Classes& classes, int64_t start, int64_t length,
@@ -247,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
                                   ? normalize_backward(grad_rows, chunk.rows.to(acc.dtype()),
                                                        chunk.inverse, chunk.norms)
                                   : grad_rows;
-      if (classes.rows) {
-        grad_weight.index_copy_(0, classes.rows->narrow(0, start, length), grad.to(grad_weight.scalar_type()));
+      if (classes.weight_rows) {
+        grad_weight.index_copy_(0, classes.rows_of(start, length), grad.to(grad_weight.scalar_type()));
       } else {
         grad_weight.narrow(0, start * options.sub_centers, length * options.sub_centers).copy_(grad);
       }

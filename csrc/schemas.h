@@ -23,9 +23,9 @@ inline void define_ops(torch::Library& m) {
   // target s (cos(m1 theta + m2) - m3); 1: SphereFace, s (psi_m1(theta) + lambda cos) /
   // (1 + lambda). labels_in_range: labels must lie in [0, num_classes) (checked, an error
   // otherwise); false for a class shard, where a label outside means "another shard's
-  // class": no target logit (0). rows (int64, strictly increasing): the op sees the weight
-  // rows weight[rows] only, as PartialFC's sampled classes, without copying them; labels
-  // index rows, and the weight gradient is zero outside them. interclass_filtering_threshold
+  // class": no target logit (0). rows (int64, strictly increasing, possibly empty): the op sees
+  // the classes `rows` only (with their K sub-centers), as PartialFC's sampled classes,
+  // without copying them; labels index rows, and the weight gradient is zero outside them. interclass_filtering_threshold
   // > 0: a non-target cosine above it gives logit 0 and no gradient (insightface's
   // PartialFC option against mislabeled classes). margin_kind 2: AdaFace, cosines clamped
   // to +-(1 - 1e-3), target s (cos(clip(theta + m2, 1e-3, pi - 1e-3)) - m3); 3: kind 0 where

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import facekernels
+from arcface_torch.losses import ArcFace, CombinedMarginLoss, CosFace
 from facekernels import reference
 from facekernels.distributed import PartialFC, gather_weight, load_full_weight
 
@@ -24,12 +26,14 @@ B, D, C = 4, 6, 11  # local batch, width, classes (not divisible by 2 or 3)
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.35), "combined": (1.0, 0.2, 0.1)}
 
 
-class Margin:
-    """insightface's CombinedMarginLoss as PartialFC reads it: attributes s, m1, m2, m3."""
+def Margin(m1, m2, m3, interclass_filtering_threshold=0.0):  # noqa: N802
+    """insightface's CombinedMarginLoss (our transcription) at s = 16."""
+    return CombinedMarginLoss(16.0, m1, m2, m3, interclass_filtering_threshold)
 
-    def __init__(self, m1, m2, m3, s=16.0, interclass_filtering_threshold=0.0):
-        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
-        self.interclass_filtering_threshold = interclass_filtering_threshold
+
+def ours(margins, gradient):
+    """facekernels' CombinedMarginLoss: the paper's combined margin (m2 kept with m3 > 0)."""
+    return facekernels.CombinedMarginLoss(1, D, *margins, scale=16.0, gradient=gradient)
 
 
 def global_batch(world, seed=0):
@@ -86,7 +90,7 @@ def parity(rank, world):
     x, y, w = global_batch(world)
     for name, margins in MARGINS.items():
         for gradient in ("detached", "exact"):
-            head = PartialFC(Margin(*margins), D, C, gradient=gradient).double()
+            head = PartialFC(ours(margins, gradient), D, C).double()
             load_full_weight(head, w)
             mine = local(x, rank).clone().requires_grad_()
             loss = head(mine, local(y, rank))
@@ -96,7 +100,7 @@ def parity(rank, world):
             close(mine.grad, world * local(gx, rank))  # DDP's averaging divides by world
             close(head.weight.grad, gw[head.class_start:head.class_start + head.num_local])
     # fp32: the same, to 1e-5.
-    head = PartialFC(facekernels.ArcFaceLoss(C, D, margin=0.5, scale=16.0), D, C)
+    head = PartialFC(facekernels.ArcFaceLoss(C, D, margin=0.5, scale=16.0), D, C, gradient="detached")
     load_full_weight(head, w.float())
     loss = head(local(x, rank).float(), local(y, rank))
     want = single_process(x, w, y, MARGINS["arcface"], "detached")[0]
@@ -182,28 +186,51 @@ def bad_input_on_one_rank(rank, world):
 
 
 def insightface_parity(rank, world):
-    """Against our transcription of insightface's PartialFC_V2 (dense logits). Embeddings
-    lie near their class weights, so no target angle passes pi - m2 (where insightface has
-    no fallback). A combined margin with m3 > 0 equals ours with m2 = 0: insightface drops
-    m2 there, the paper (and facekernels) does not. Interclass filtering zeroes the
-    non-target cosines above the threshold (0.3 here, which filters some)."""
+    """Against our transcription of insightface's PartialFC_V2 (dense logits), with
+    insightface's margin objects, fused and (wrapped in a plain function) dense. Embeddings
+    lie near their class weights, so no target angle passes pi - m2 (where insightface's
+    CombinedMarginLoss has no fallback). With m3 > 0 insightface's CombinedMarginLoss drops
+    m2. Interclass filtering zeroes the non-target cosines above the threshold (0.3 here,
+    which filters some)."""
     x, y, w = global_batch(world, seed=3)
     x = w[y] + 0.3 * x
-    cases = [((1.0, 0.5, 0.0), (1.0, 0.5, 0.0), 0.0), ((1.0, 0.0, 0.35), (1.0, 0.0, 0.35), 0.0),
-             ((1.0, 0.0, 0.1), (1.0, 0.2, 0.1), 0.0),
-             ((1.0, 0.5, 0.0), (1.0, 0.5, 0.0), 0.3)]  # interclass filtering
-    for ours, theirs, threshold in cases:
-        head = PartialFC(Margin(*ours, interclass_filtering_threshold=threshold), D, C).double()
-        load_full_weight(head, w)
-        mine = local(x, rank).clone().requires_grad_()
-        loss = head(mine, local(y, rank))
-        got = (loss.detach(), *torch.autograd.grad(loss, (mine, head.weight)))
-        shard = w[head.class_start:head.class_start + head.num_local].clone().requires_grad_()
-        mine = local(x, rank).clone().requires_grad_()
-        want = reference.partial_fc_v2_loss(mine, local(y, rank), shard, head.class_start, s=16.0,
-                                            m1=theirs[0], m2=theirs[1], m3=theirs[2],
-                                            interclass_filtering_threshold=threshold)
-        for a, b in zip(got, (want.detach(), *torch.autograd.grad(want, (mine, shard)))):
+    cases = [(1.0, 0.5, 0.0, 0.0), (1.0, 0.0, 0.35, 0.0), (1.0, 0.2, 0.1, 0.0), (1.0, 0.5, 0.0, 0.3)]
+    for m1, m2, m3, threshold in cases:
+        margin = Margin(m1, m2, m3, threshold)
+        for dense in (False, True):
+            head = PartialFC((lambda z, t: margin(z, t)) if dense else margin, D, C).double()
+            load_full_weight(head, w)
+            mine = local(x, rank).clone().requires_grad_()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loss = head(mine, local(y, rank))
+                head(mine, local(y, rank))
+            assert [str(c.message) for c in caught] == (
+                ["PartialFC: margin_loss function is not fused: it runs on dense [global_batch, "
+                 "classes] logits, as in insightface"] if dense else [])
+            got = (loss.detach(), *torch.autograd.grad(loss, (mine, head.weight)))
+            shard = w[head.class_start:head.class_start + head.num_local].clone().requires_grad_()
+            mine = local(x, rank).clone().requires_grad_()
+            want = reference.partial_fc_v2_loss(mine, local(y, rank), shard, head.class_start,
+                                                s=16.0, m1=m1, m2=0.0 if m3 > 0 else m2, m3=m3,
+                                                interclass_filtering_threshold=threshold)
+            for a, b in zip(got, (want.detach(), *torch.autograd.grad(want, (mine, shard)))):
+                close(a, b)
+    # insightface's ArcFace (exact gradient, easy margin or not) and CosFace: fused equals
+    # the same object run densely.
+    easy = ArcFace(16.0, 0.5)
+    easy.easy_margin = True
+    for margin in (ArcFace(16.0, 0.5), easy, CosFace(16.0, 0.35)):
+        results = []
+        for callable_ in (margin, lambda z, t: margin(z, t)):
+            head = PartialFC(callable_, D, C).double()
+            load_full_weight(head, w)
+            mine = local(x, rank).clone().requires_grad_()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = head(mine, local(y, rank))
+            results.append((loss.detach(), *torch.autograd.grad(loss, (mine, head.weight))))
+        for a, b in zip(*results):
             close(a, b)
 
 

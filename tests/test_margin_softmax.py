@@ -428,6 +428,43 @@ def test_rows_read_a_subset_of_the_weight_without_a_copy(device):
     assert_close(loss.detach(), expected)
 
 
+def test_rows_select_classes_of_sub_centers(device):
+    # PartialFC with sub-center ArcFace: rows name classes, each read with its K rows.
+    k, classes = 3, 10
+    x, w, _ = make_batch(7, 8, classes * k, device, torch.float64)
+    rows = torch.tensor([0, 2, 3, 7, 9], device=device)
+    y = torch.tensor([0, 4, 1, 1, 3, 2, 4], device=device)
+    w.requires_grad_()
+    loss, predicted = sampled_rows_call(x, w, y, rows, sub_centers=k, chunk_size=2)
+    (gw,) = torch.autograd.grad(loss.sum(), w)
+    seen = (rows[:, None] * k + torch.arange(k, device=device)).flatten()
+    sub = w.detach()[seen].requires_grad_()
+    want, want_predicted = sampled_rows_call(x, sub, y, None, sub_centers=k, chunk_size=2)
+    (wsub,) = torch.autograd.grad(want.sum(), sub)
+    assert_close(loss, want)
+    assert torch.equal(predicted, want_predicted)
+    assert_close(gw[seen], wsub)
+    unseen = torch.ones(classes * k, dtype=torch.bool, device=device)
+    unseen[seen] = False
+    assert torch.equal(gw[unseen], torch.zeros_like(gw[unseen]))
+
+
+def test_no_rows_is_a_shard_without_classes(device):
+    # A PartialFC rank that samples none of its classes adds nothing to any row's softmax.
+    from facekernels.ops.margin_softmax import margin_softmax_rows
+    x, w, _ = make_batch(5, 8, 6, device, torch.float64)
+    x.requires_grad_(), w.requires_grad_()
+    row_max, log_sum, target, predicted = margin_softmax_rows(
+        x, w, torch.full((5,), -1, device=device), kind=0, scale=16.0, m1=1.0, m2=0.5, m3=0.0,
+        sphere_lambda=0.0, gradient="exact", normalize_embeddings=True, normalize_weight=True,
+        chunk_size=4, labels_in_range=False, rows=torch.zeros(0, dtype=torch.long, device=device))
+    assert torch.all(row_max == -math.inf) and torch.all(log_sum == -math.inf)
+    assert torch.equal(target, torch.zeros_like(target))
+    assert torch.equal(predicted, torch.full_like(predicted, -1))
+    gx, gw = torch.autograd.grad((log_sum, target), (x, w), (torch.ones_like(log_sum),) * 2)
+    assert torch.equal(gx, torch.zeros_like(gx)) and torch.equal(gw, torch.zeros_like(gw))
+
+
 @pytest.mark.parametrize("rows, message", [
     (torch.tensor([3, 1]), "rows must be strictly increasing"),
     (torch.tensor([1, 1]), "rows must be strictly increasing"),

@@ -36,7 +36,7 @@ def _norms(embeddings):
 
 
 @torch.no_grad()
-def _target_cosines(embeddings, weight, labels):
+def target_cosines(embeddings, weight, labels):
     """cos(x_i, w_{y_i}) [N] in fp32 (fp64 for fp64), clamped to [-1, 1], no gradient.
     Labels out of range are clamped here: the op that follows rejects them by name."""
     rows = labels.clamp(0, weight.shape[0] - 1)
@@ -68,23 +68,30 @@ class _AdaptiveHead(_MarginSoftmaxHead):
     """A margin head whose op inputs depend on the batch (exact gradients, as the official
     heads). batch_options returns them with the running statistics' new values, which are
     written only once the op has accepted the batch: bad input leaves the buffers as they
-    were."""
+    were. distributed.PartialFC calls batch_options too, with the whole global batch, its
+    own copy of the running buffers and a target_cosines that reads across the shards."""
+
+    running = ()  # the names of the running buffers
+    random_margins = False  # batch_options draws from a generator
 
     def __init__(self, num_classes, embedding_size, scale, reduction, chunk_size, sub_centers=1):
         super().__init__(num_classes, embedding_size, scale, "exact", reduction, chunk_size,
                          sub_centers)
 
-    def batch_options(self, embeddings, labels, weight):
-        """-> (the op's per-batch options, [(buffer, new value)] to write after it)."""
-        return {}, []
+    def batch_options(self, embeddings, target_cosines, running, training):
+        """-> (the op's per-batch options, {running buffer's name: new value}).
+        target_cosines(): cos(x_i, w_{y_i}) [N], no gradient; running: {name: tensor}."""
+        return {}, {}
 
     def loss(self, embeddings, labels, weight, return_predictions=False):
         check_tensors(embeddings, weight, labels, type(self).__name__)
-        options, updates = self.batch_options(embeddings, labels, weight)
+        running = {name: getattr(self, name) for name in self.running}
+        options, updates = self.batch_options(
+            embeddings, lambda: target_cosines(embeddings, weight, labels), running, self.training)
         result = self.fused_loss(embeddings, labels, weight, return_predictions, **options)
         with torch.no_grad():
-            for buffer, value in updates:
-                buffer.copy_(value)
+            for name, value in updates.items():
+                running[name].copy_(value)
         return result
 
 
@@ -104,17 +111,19 @@ class CurricularFaceLoss(_AdaptiveHead):
         self.margin = margin
         self.register_buffer("t", torch.zeros(1))
 
+    running = ("t",)
+
     def margins(self):
         return 1.0, self.margin, 0.0, 0.0
 
-    def batch_options(self, embeddings, labels, weight):
-        cosines = _target_cosines(embeddings, weight, labels)
-        t = _running(self.t, _finite_mean_std(cosines)[0], 0.01) if self.training else self.t
+    def batch_options(self, embeddings, target_cosines, running, training):
+        cosines = target_cosines()
+        t = _running(running["t"], _finite_mean_std(cosines)[0], 0.01) if training else running["t"]
         # The official mask compares with cos(theta + m) itself, not the fallback target.
         sines = (1.0 - cosines * cosines).sqrt()
         threshold = cosines * math.cos(self.margin) - sines * math.sin(self.margin)
-        options = {"hard_threshold": threshold, "hard_t": t.expand(len(labels))}
-        return options, [(self.t, t)] if self.training else []
+        options = {"hard_threshold": threshold, "hard_t": t.expand(len(cosines))}
+        return options, {"t": t} if training else {}
 
 
 class AdaFaceLoss(_AdaptiveHead):
@@ -144,23 +153,25 @@ class AdaFaceLoss(_AdaptiveHead):
         self.register_buffer("batch_mean", torch.full((1,), 20.0))
         self.register_buffer("batch_std", torch.full((1,), 100.0))
 
+    running = ("batch_mean", "batch_std")
+
     def margins(self):
         return 1.0, 0.0, self.margin, 0.0  # shown by repr; the op takes per-row margins
 
-    def batch_options(self, embeddings, labels, weight):
-        mean, std, updates = self.batch_mean, self.batch_std, []
+    def batch_options(self, embeddings, target_cosines, running, training):
+        mean, std, updates = running["batch_mean"], running["batch_std"], {}
         with torch.no_grad():
             raw = _norms(embeddings)
             # A non-finite row is NaN here, not clipped to 100: it joins no statistic.
             norms = torch.where(raw.isfinite(), raw.clip(0.001, 100.0), math.nan)
-            if self.training:
+            if training:
                 if len(norms) < 2:
                     raise ValueError("AdaFaceLoss: a training batch needs at least 2 rows for "
                                      f"the norm's standard deviation, got {len(norms)}")
                 batch_mean, batch_std = _finite_mean_std(norms)
                 mean = _running(mean, batch_mean, self.t_alpha)
                 std = _running(std, batch_std, self.t_alpha)
-                updates = [(self.batch_mean, mean), (self.batch_std, std)]
+                updates = {"batch_mean": mean, "batch_std": std}
             z = (self.h * (norms - mean) / (std + 1e-3)).clip(-1.0, 1.0)
         return {"row_m2": -self.margin * z, "row_m3": self.margin + self.margin * z}, updates
 
@@ -195,11 +206,11 @@ class MagFaceLoss(_AdaptiveHead):
     def margins(self):
         return 1.0, self.l_m, 0.0, 0.0  # shown by repr; the op takes per-row margins
 
-    def batch_options(self, embeddings, labels, weight):
+    def batch_options(self, embeddings, target_cosines, running, training):
         a = _norms(embeddings).clamp(self.l_a, self.u_a)
         m = self.l_m + (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a)
         g = a / self.u_a**2 + 1.0 / a
-        return {"row_m2": m, "penalty": self.lambda_g * g}, []
+        return {"row_m2": m, "penalty": self.lambda_g * g}, {}
 
 
 class SubCenterArcFaceLoss(_AdaptiveHead):
@@ -278,22 +289,24 @@ class ElasticFaceLoss(_AdaptiveHead):
         self.margin, self.std, self.elastic_kind, self.plus = margin, std, kind, bool(plus)
         self.generator = generator
 
+    random_margins = True
+
     def margins(self):
         return (1.0, self.margin, 0.0, 0.0) if self.elastic_kind == "arc" else (1.0, 0.0, self.margin, 0.0)
 
-    def batch_options(self, embeddings, labels, weight):
-        n = len(labels)
+    def batch_options(self, embeddings, target_cosines, running, training):
+        n = len(embeddings)
         dtype = accumulate_dtype(embeddings.dtype)
-        if self.training:
+        if training:
             device = self.generator.device if self.generator is not None else embeddings.device
             drawn = torch.empty(n, dtype=dtype, device=device).normal_(
                 self.margin, self.std, generator=self.generator).to(embeddings.device)
             if self.plus:
-                order = _target_cosines(embeddings, weight, labels).argsort(descending=True, stable=True)
+                order = target_cosines().argsort(descending=True, stable=True)
                 drawn = drawn.sort(stable=True).values[order]
         else:
             drawn = torch.full((n,), self.margin, dtype=dtype, device=embeddings.device)
-        return {"row_m2" if self.elastic_kind == "arc" else "row_m3": drawn}, []
+        return {"row_m2" if self.elastic_kind == "arc" else "row_m3": drawn}, {}
 
 
 __all__ = ["AdaFaceLoss", "CurricularFaceLoss", "ElasticFaceLoss", "MagFaceLoss",

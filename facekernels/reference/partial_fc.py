@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-class _GatherRows(torch.autograd.Function):
+class GatherRows(torch.autograd.Function):
     """all_gather; backward: this rank's rows of the summed gradient, times the world size."""
 
     @staticmethod
@@ -27,7 +27,7 @@ class _GatherRows(torch.autograd.Function):
         return grad.chunk(world)[dist.get_rank(ctx.group)] * world, None
 
 
-class _DistributedCrossEntropy(torch.autograd.Function):
+class DistributedCrossEntropy(torch.autograd.Function):
     """Mean cross entropy of logits split by classes across ranks (labels -1: another
     rank's class); the target probability is clamped at 1e-30, as insightface does."""
 
@@ -55,7 +55,7 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         return grad_logits * grad / len(labels), None, None
 
 
-def _combined_margin(cos, labels, s, m1, m2, m3, threshold):
+def combined_margin(cos, labels, s, m1, m2, m3, threshold):
     """insightface's CombinedMarginLoss: with threshold > 0 the non-target cosines above it
     are zeroed (the mask without a gradient); ArcFace (m1 = 1, m3 = 0) adds m2 to the
     target angle without a gradient through the margin and without a fallback past pi;
@@ -102,12 +102,12 @@ def partial_fc_v2_loss(
     An, Zhu, Xiao, Deng et al. 2022, "Killing Two Birds with One Stone: Efficient and
     Robust Training of Face Recognition CNNs by Partial FC"; Deng et al. 2019, "ArcFace".
     """
-    embeddings = _GatherRows.apply(local_embeddings, group)
+    embeddings = GatherRows.apply(local_embeddings, group)
     parts = [torch.empty_like(local_labels) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local_labels.contiguous(), group=group)
     labels = torch.cat(parts) - class_start
     labels = torch.where((labels >= 0) & (labels < weight.shape[0]), labels, -1)
     cos = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
-    logits = _combined_margin(cos, labels, s, m1, m2, m3, interclass_filtering_threshold)
-    return _DistributedCrossEntropy.apply(logits, labels, group)
+    logits = combined_margin(cos, labels, s, m1, m2, m3, interclass_filtering_threshold)
+    return DistributedCrossEntropy.apply(logits, labels, group)
 

@@ -2,7 +2,6 @@
 fused modules or through the pure-PyTorch reference functions."""
 
 import copy
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -65,7 +64,8 @@ class Objective(nn.Module):
                 raise ValueError(f"--distributed trains {tuple(DISTRIBUTED_MARGINS)}, got --loss {loss}")
             # insightface's semantics, so that the reference is its PartialFC_V2.
             s, m1, m2, m3 = DISTRIBUTED_MARGINS[loss]
-            self.head = PartialFC(SimpleNamespace(s=s, m1=m1, m2=m2, m3=m3), d, c, gradient="detached")
+            margin = facekernels.CombinedMarginLoss(1, d, m1, m2, m3, scale=s, gradient="detached")
+            self.head = PartialFC(margin, d, c)
             return
         heads = {
             "softmax": lambda: facekernels.SoftmaxLoss(c, d),
@@ -163,8 +163,10 @@ class Objective(nn.Module):
         w = tensors.get("weight")
         head = self.head
         if self.distributed:
-            return reference.partial_fc_v2_loss(e, y, w, head.class_start, s=head.scale, m1=head.m1,
-                                                m2=head.m2, m3=head.m3)
+            margin = head.margin_softmax
+            m1, m2, m3, _ = margin.margins()
+            return reference.partial_fc_v2_loss(e, y, w, head.class_start, s=margin.scale, m1=m1,
+                                                m2=m2, m3=m3)
         if self.loss in ("softmax", "ring", "center"):
             loss = reference.softmax_cross_entropy(e, w, y)
             if self.loss == "ring":
