@@ -144,6 +144,78 @@ def sampling(rank, world):
     assert not head.weight.grad[untouched].any()
 
 
+HEADS = {  # each made the same way on every rank and in the single process
+    "arcface": lambda: facekernels.ArcFaceLoss(C, D, margin=0.5, scale=16.0),
+    "cosface": lambda: facekernels.CosFaceLoss(C, D, margin=0.35, scale=16.0),
+    "curricularface": lambda: facekernels.CurricularFaceLoss(C, D, margin=0.5, scale=16.0),
+    "adaface": lambda: facekernels.AdaFaceLoss(C, D, scale=16.0, t_alpha=0.5),
+    "magface": lambda: facekernels.MagFaceLoss(C, D, scale=16.0),
+    "magface_arc": lambda: facekernels.MagFaceLoss(C, D, scale=16.0, easy_margin=False),
+    "subcenter": lambda: facekernels.SubCenterArcFaceLoss(C, D, k=3, margin=0.4, scale=16.0),
+    "elastic_arc": lambda: facekernels.ElasticFaceLoss(C, D, scale=16.0, std=0.05,
+                                                       generator=torch.Generator().manual_seed(7)),
+    "elastic_cos_plus": lambda: facekernels.ElasticFaceLoss(
+        C, D, scale=16.0, std=0.05, kind="cos", plus=True, generator=torch.Generator().manual_seed(7)),
+}
+
+
+def sampled_classes(head, world):
+    """Every rank's sampled classes, in global numbering, rank by rank (sorted)."""
+    rows = head.weight_index
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(rows)]))
+    padded = torch.full((C,), -1, dtype=torch.int64)
+    padded[:len(rows)] = rows + head.class_start
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
+
+
+def every_head(rank, world):
+    """Each head under PartialFC against the same head in one process on the global batch
+    (on the sampled classes when sampling): loss, both gradients and the running buffers,
+    over 3 steps."""
+    for name, make in HEADS.items():
+        for sample_rate in (1.0, 0.3):
+            for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+                single = make().to(dtype)
+                head = PartialFC(make(), D, C, sample_rate=sample_rate,
+                                 generator=torch.Generator().manual_seed(10 + rank)).to(dtype)
+                k = head.sub_centers
+                for step in range(3):
+                    x, y, _ = global_batch(world, seed=20 + step)
+                    x = (20 * x).to(dtype)  # norms of 10 to 100: MagFace's and AdaFace's range
+                    w = torch.randn(C * k, D, generator=torch.Generator().manual_seed(step), dtype=dtype)
+                    load_full_weight(head, w)
+                    mine = local(x, rank).clone().requires_grad_()
+                    loss = head(mine, local(y, rank))
+                    gx_local, gw_shard = torch.autograd.grad(loss, (mine, head.weight))
+                    labels, weight = y, w
+                    if sample_rate < 1:
+                        classes = sampled_classes(head, world)
+                        labels = torch.searchsorted(classes, y)
+                        weight = w.view(C, k, D)[classes].reshape(-1, D)
+                    xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+                    want = single.loss(xs, labels, ws)
+                    gx, gws = torch.autograd.grad(want, (xs, ws))
+                    gw = torch.zeros_like(w)
+                    gw.view(C, k, D)[classes if sample_rate < 1 else slice(None)] = gws.view(-1, k, D)
+                    message = f"{name} sample_rate={sample_rate} {dtype} step {step}"
+                    check = lambda a, b: torch.testing.assert_close(  # noqa: E731
+                        a, b, rtol=tolerance, atol=tolerance, msg=lambda m: f"{message}: {m}")
+                    check(loss.detach(), want.detach())
+                    check(gx_local, world * local(gx, rank))
+                    check(gw_shard, gw[head.class_start * k:(head.class_start + head.num_local) * k])
+                    for buffer in getattr(single, "running", ()):
+                        check(getattr(head, buffer), getattr(single, buffer))
+                assert sorted(head.state_dict()) == sorted(["weight", *getattr(single, "running", ())])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_head_sharded_equals_one_process(world, tmp_path):
+    run(world, every_head, tmp_path=tmp_path, timeout=240)
+
+
 def save_checkpoint(rank, world, path):
     x, y, w = global_batch(world=2, seed=2)  # the batch the resumed run will see
     head = PartialFC(Margin(*MARGINS["cosface"]), D, C).double()
