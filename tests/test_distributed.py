@@ -1,6 +1,7 @@
 """PartialFC on gloo process groups spawned on the CPU (world sizes 1-3, class counts not
 divisible by the world size), against one process holding the whole batch and weight."""
 
+import copy
 import json
 import os
 import socket
@@ -214,6 +215,153 @@ def every_head(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_every_head_sharded_equals_one_process(world, tmp_path):
     run(world, every_head, tmp_path=tmp_path, timeout=240)
+
+
+def drop_in(rank, world, path):
+    """What insightface's train_v2.py touches, against our PartialFC_V2 transcription."""
+    from arcface_torch.partial_fc_v2 import PartialFC_V2
+    x, _, w = global_batch(world, seed=4)
+    x = (w[torch.arange(world * B) % C] + 0.3 * x).float()
+    torch.manual_seed(0)
+    theirs = PartialFC_V2(Margin(1.0, 0.5, 0.0), D, C, sample_rate=0.5)
+    torch.manual_seed(0)
+    mine = PartialFC(Margin(1.0, 0.5, 0.0), D, C, sample_rate=0.5)
+    # The same initial weight from the same seed; checkpoints load both ways, strictly.
+    assert torch.equal(mine.weight, theirs.weight) and list(mine.state_dict()) == ["weight"]
+    theirs.load_state_dict(mine.state_dict())
+    mine.load_state_dict(theirs.state_dict())
+    for name in ("last_batch_size", "is_updated", "init_weight_update", "num_local",
+                 "class_start", "num_sample", "rank", "world_size"):
+        assert getattr(mine, name) == getattr(theirs, name), name
+    assert all(callable(getattr(mine, name)) for name in ("margin_softmax", "dist_cross_entropy", "sample"))
+    # Positives that fill each shard's sample exactly (2, 2 and 1 of them): insightface
+    # still draws a rand over the shard, so the global generator's stream must match.
+    y = torch.tensor([0, 1, 4, 5, 8, 0, 1, 4, 5, 8, 0, 4][:world * B])
+    results = []
+    for module in (theirs, mine):
+        torch.manual_seed(5)
+        labels = local(y, rank).clone()[:, None]  # [B, 1], as insightface's data loader gives
+        loss = module(local(x, rank), labels)
+        results.append((loss.detach(), module.weight_index.clone(), torch.rand(4),
+                        *torch.autograd.grad(loss, module.weight)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert mine.last_batch_size == B
+    # The margin is read at every forward: a warm-up that changes s and m2 takes effect.
+    mine.margin_softmax.s, mine.margin_softmax.m2 = 20.0, 0.3
+    loss = mine(local(x, rank).double(), local(y, rank))
+    classes = sampled_classes(mine, world)
+    want = facekernels.margin_softmax_loss(x.double(), mine_full(mine, world)[classes],
+                                           torch.searchsorted(classes, y), scale=20.0, m2=0.3,
+                                           gradient="detached")
+    torch.testing.assert_close(loss.detach().double(), want, rtol=1e-5, atol=1e-5)
+    # A sample rate that keeps no negative trains on the positive classes, as insightface.
+    for module in (PartialFC_V2(Margin(1.0, 0.5, 0.0), D, C, sample_rate=0.2),
+                   PartialFC(Margin(1.0, 0.5, 0.0), D, C, sample_rate=0.2)):
+        assert module.num_sample == 0
+        load_full_weight(module, w.float()) if isinstance(module, PartialFC) else \
+            module.weight.data.copy_(w.float()[module.class_start:module.class_start + module.num_local])
+        results.append(module(local(x, rank), local(y, rank).clone()).detach())
+    torch.testing.assert_close(results[-1], results[-2], rtol=1e-6, atol=1e-6)
+    # Another rank's shard of the same size is refused; the shape alone would let it in.
+    torch.save(mine.state_dict(), f"{path}.rank{rank}")
+    dist.barrier()
+    if rank == 1:
+        with pytest.raises(ValueError, match=r"holds classes \[0, 4\) of 11, this rank classes \[4, 8\)"):
+            mine.load_state_dict(torch.load(f"{path}.rank0"))
+    # Embeddings of another dtype on one rank: the same error on every rank, no abort.
+    with pytest.raises(ValueError, match="local_embeddings have different dtypes across ranks"):
+        mine(local(x, rank).double() if rank == 0 else local(x, rank), local(y, rank))
+    assert mine(local(x, rank), local(y, rank)).isfinite()
+
+
+def mine_full(head, world):
+    """The whole [C, D] weight of a PartialFC, on every rank."""
+    full = gather_weight(head)
+    full = full if full is not None else torch.empty(C, D, dtype=head.weight.dtype)
+    dist.broadcast(full, 0)
+    return full.double()
+
+
+def test_insightface_train_script_contract(tmp_path):
+    run(3, drop_in, str(tmp_path / "shard"), tmp_path=tmp_path)
+
+
+class Trainer:
+    """Our transcription of insightface's train_v2.py training step: a DDP backbone, the
+    class-sharded head, SGD with momentum and weight decay over both, a polynomial LR with
+    warmup, gradient clipping and gradient accumulation; checkpoints as train_v2 writes
+    and resumes them (strict loading)."""
+
+    def __init__(self, head_class, rank, world):
+        torch.manual_seed(0)  # the same backbone on every rank, the same head init per rank
+        self.backbone = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(12, D).double())
+        torch.manual_seed(1 + rank)
+        self.head = head_class(Margin(1.0, 0.5, 0.0), D, C, sample_rate=0.5).double()
+        self.opt = torch.optim.SGD([{"params": self.backbone.parameters()},
+                                    {"params": self.head.parameters()}],
+                                   lr=0.1, momentum=0.9, weight_decay=5e-4)
+        warmup, total = 2, 12
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: (
+            (step + 1) / warmup if step < warmup else (1 - (step - warmup) / (total - warmup)) ** 2))
+        self.step = 0
+
+    def train(self, steps, rank, accumulate=2):
+        for _ in range(steps):
+            self.step += 1
+            g = torch.Generator().manual_seed(100 * self.step + rank)
+            images = torch.randn(B, 12, generator=g, dtype=torch.float64)
+            labels = torch.randint(0, C, (B,), generator=g)
+            torch.manual_seed(self.step)  # the sampling's draws
+            loss = self.head(self.backbone(images), labels)
+            loss.backward()
+            if self.step % accumulate == 0:
+                torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), 5)
+                self.opt.step()
+                self.opt.zero_grad()
+            self.scheduler.step()
+
+    def checkpoint(self):
+        return copy.deepcopy({"global_step": self.step,
+                              "state_dict_backbone": self.backbone.module.state_dict(),
+                              "state_dict_softmax_fc": self.head.state_dict(),
+                              "state_optimizer": self.opt.state_dict(),
+                              "state_lr_scheduler": self.scheduler.state_dict()})
+
+    def resume(self, saved):
+        self.step = saved["global_step"]
+        self.backbone.module.load_state_dict(saved["state_dict_backbone"])
+        self.head.load_state_dict(saved["state_dict_softmax_fc"])
+        self.opt.load_state_dict(saved["state_optimizer"])
+        self.scheduler.load_state_dict(saved["state_lr_scheduler"])
+
+    def parameters(self):
+        return [p.detach().clone() for p in (*self.backbone.parameters(), self.head.weight)]
+
+
+def train_v2(rank, world):
+    from arcface_torch.partial_fc_v2 import PartialFC_V2
+    runs = {}
+    for name, head_class in (("insightface", PartialFC_V2), ("facekernels", PartialFC)):
+        trainer = Trainer(head_class, rank, world)
+        trainer.train(4, rank)  # a checkpoint at an optimizer step: no accumulated gradient
+        saved = trainer.checkpoint()
+        trainer.train(4, rank)
+        runs[name] = (saved, trainer.parameters())
+    for a, b in zip(runs["insightface"][1], runs["facekernels"][1]):
+        close(a, b)
+    # Each one's checkpoint, resumed by the other, continues to the same parameters.
+    for saver, resumer, head_class in (("insightface", "facekernels", PartialFC),
+                                       ("facekernels", "insightface", PartialFC_V2)):
+        trainer = Trainer(head_class, rank, world)
+        trainer.resume(runs[saver][0])
+        trainer.train(4, rank)
+        for a, b in zip(trainer.parameters(), runs[resumer][1]):
+            close(a, b)
+
+
+def test_insightface_training_step_and_resume_both_ways(tmp_path):
+    run(2, train_v2, tmp_path=tmp_path)
 
 
 def save_checkpoint(rank, world, path):
