@@ -483,12 +483,14 @@ def test_clear_errors_without_a_process_group():
         PartialFC(Margin(*MARGINS["arcface"]), D, C)
 
 
-def test_trainer_under_torchrun(tmp_path):
+@pytest.mark.parametrize("loss", ["cosface", "combined", "curricularface", "adaface", "magface",
+                                  "subcenter", "elasticface"])
+def test_trainer_under_torchrun(loss, tmp_path):
     """Two ranks (gloo): DDP backbone, PartialFC head, both impls; rank 0 reports."""
     report = tmp_path / "report.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "facekernels.train",
-               "--distributed", "--loss", "cosface", "--epochs", "1", "--report", str(report)]
+               "--distributed", "--loss", loss, "--epochs", "1", "--report", str(report)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(report.read_text())

@@ -22,7 +22,7 @@ from .margin_softmax import (
     sphereface_loss,
     sphereface_psi,
 )
-from .partial_fc import partial_fc_v2_loss
+from .partial_fc import global_view, partial_fc_v2_loss
 from .ring_loss import ring_loss
 from .softmax import l2_softmax_loss, softmax_cross_entropy
 from .triplet import mine_triplets, pairwise_distance, triplet_margin_loss
@@ -45,6 +45,7 @@ __all__ = [
     "mine_triplets",
     "pairwise_contrastive_loss",
     "pairwise_distance",
+    "global_view",
     "partial_fc_v2_loss",
     "ring_loss",
     "softmax_cross_entropy",

@@ -111,3 +111,37 @@ def partial_fc_v2_loss(
     logits = combined_margin(cos, labels, s, m1, m2, m3, interclass_filtering_threshold)
     return DistributedCrossEntropy.apply(logits, labels, group)
 
+
+
+class _Rows(torch.autograd.Function):
+    """Every rank's rows (counts may differ), concatenated; backward: this rank's rows of
+    the gradient, times `factor` (every rank computes the same loss from the result)."""
+
+    @staticmethod
+    def forward(ctx, x, counts, factor, group):
+        rank = dist.get_rank(group)
+        ctx.start, ctx.count, ctx.factor = sum(counts[:rank]), counts[rank], factor
+        padded = x.new_zeros(max(counts), *x.shape[1:])
+        padded[:len(x)] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.start:ctx.start + ctx.count] * ctx.factor, None, None, None
+
+
+def global_view(local_embeddings, local_labels, weight, *, num_classes, sub_centers=1, group=None):
+    """The whole job on every rank: (global batch, its labels, the [num_classes * K, D]
+    weight) from each rank's batch and class shard (insightface's split: the first
+    num_classes % world ranks hold one class more). A single-process loss of these, the same
+    on every rank, then has PartialFC's gradients: world_size times the global mean loss's
+    for the local embeddings (as insightface's AllGather), the exact one for the shard."""
+    world = dist.get_world_size(group)
+    base, extra = divmod(num_classes, world)
+    shards = [(base + int(r < extra)) * sub_centers for r in range(world)]
+    embeddings = _Rows.apply(local_embeddings, [len(local_embeddings)] * world, world, group)
+    labels = [torch.empty_like(local_labels) for _ in range(world)]
+    dist.all_gather(labels, local_labels.contiguous(), group=group)
+    return embeddings, torch.cat(labels), _Rows.apply(weight, shards, 1, group)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from facekernels.train import baselines, loss_speed
 from facekernels.train.data import fold_splits, image_folder, open_set_split, synthetic_faces
 from facekernels.train.loop import Config, initial_state, train, verification_pairs
-from facekernels.train.objectives import DISTRIBUTED_MARGINS, IMPLS, LOSSES, MINING, training_defaults
+from facekernels.train.objectives import DISTRIBUTED, IMPLS, LOSSES, MINING, training_defaults
 
 
 # The losses whose fused op is measured at a face model's scale after training.
@@ -152,8 +152,8 @@ def parse_args(argv):
                 f"got {args.batch_size}")
     if args.distributed:
         world = _launch_environment(p)
-        if args.loss not in DISTRIBUTED_MARGINS:
-            p.error(f"--distributed trains --loss {' or '.join(DISTRIBUTED_MARGINS)}, got --loss {args.loss}")
+        if args.loss not in DISTRIBUTED:
+            p.error(f"--distributed trains --loss {', '.join(DISTRIBUTED)}, got --loss {args.loss}")
         if args.batch_size % (world * args.per_person):
             p.error(f"--distributed: --batch-size must be a multiple of {world * args.per_person} "
                     f"(world size {world} x {args.per_person} photos per person), got {args.batch_size}")

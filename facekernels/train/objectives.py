@@ -18,8 +18,11 @@ LOSSES = ("softmax", "l2softmax", "ring", "center", "sphereface", "cosface", "ar
 MINING = ("all", "semihard", "hard", "batch_hard", "facenet")
 IMPLS = ("reference", "facekernels")
 
-# The class-sharded head under --distributed: (s, m1, m2, m3).
+# The class-sharded head under --distributed: ArcFace and CosFace with insightface's
+# semantics (s, m1, m2, m3; the reference is its PartialFC_V2), and the heads that
+# PartialFC shards as they are (the reference: the head's on the whole job, global_view).
 DISTRIBUTED_MARGINS = {"arcface": (16.0, 1.0, 0.5, 0.0), "cosface": (16.0, 1.0, 0.0, 0.35)}
+DISTRIBUTED = (*DISTRIBUTED_MARGINS, "combined", *ADAPTIVE)
 CENTER_WEIGHT = 0.003  # lambda of softmax + lambda * center loss (Wen et al. use 0.003-0.01)
 MARGIN_SCALE = 16.0  # s for the margin losses: 64 is tuned for millions of faces, not 30 people
 
@@ -59,14 +62,8 @@ class Objective(nn.Module):
             raise ValueError(f"--mining must be one of {MINING}, got {mining!r}")
         self.loss, self.mining, self.distributed = loss, mining, distributed
         c, d = num_classes, embedding_size
-        if distributed:
-            if loss not in DISTRIBUTED_MARGINS:
-                raise ValueError(f"--distributed trains {tuple(DISTRIBUTED_MARGINS)}, got --loss {loss}")
-            # insightface's semantics, so that the reference is its PartialFC_V2.
-            s, m1, m2, m3 = DISTRIBUTED_MARGINS[loss]
-            margin = facekernels.CombinedMarginLoss(1, d, m1, m2, m3, scale=s, gradient="detached")
-            self.head = PartialFC(margin, d, c)
-            return
+        if distributed and loss not in DISTRIBUTED:
+            raise ValueError(f"--distributed trains {DISTRIBUTED}, got --loss {loss}")
         heads = {
             "softmax": lambda: facekernels.SoftmaxLoss(c, d),
             "l2softmax": lambda: facekernels.L2SoftmaxLoss(c, d, alpha=16.0),
@@ -89,11 +86,20 @@ class Objective(nn.Module):
             "elasticface": lambda: facekernels.ElasticFaceLoss(
                 c, d, scale=MARGIN_SCALE, generator=torch.Generator().manual_seed(0)),
         }
-        self.head = heads[loss]()
+        if distributed and loss in DISTRIBUTED_MARGINS:
+            s, m1, m2, m3 = DISTRIBUTED_MARGINS[loss]
+            heads[loss] = lambda: facekernels.CombinedMarginLoss(1, d, m1, m2, m3, scale=s, gradient="detached")
+        self.head = PartialFC(heads[loss](), d, c) if distributed else heads[loss]()
         if loss == "ring":
             self.ring = facekernels.RingLoss(loss_weight=0.01)
         if loss == "center":
             self.center = facekernels.CenterLoss(c, d, alpha=0.5)
+
+    @property
+    def margin_head(self):
+        """The head's hyperparameters: the head, or the one that PartialFC shards (whose
+        running buffers, t / batch_mean / batch_std, are PartialFC's)."""
+        return self.head.margin_softmax if self.distributed else self.head
 
     def tensors(self):
         """The loss's parameters and state that the reference formula reads."""
@@ -161,12 +167,14 @@ class Objective(nn.Module):
 
     def reference_loss(self, e, y, tensors):
         w = tensors.get("weight")
-        head = self.head
-        if self.distributed:
-            margin = head.margin_softmax
-            m1, m2, m3, _ = margin.margins()
-            return reference.partial_fc_v2_loss(e, y, w, head.class_start, s=margin.scale, m1=m1,
+        head = self.margin_head
+        if self.distributed and self.loss in DISTRIBUTED_MARGINS:
+            m1, m2, m3, _ = head.margins()
+            return reference.partial_fc_v2_loss(e, y, w, self.head.class_start, s=head.scale, m1=m1,
                                                 m2=m2, m3=m3)
+        if self.distributed and self.loss not in ADAPTIVE:  # the head's reference on the whole job
+            e, y, w = reference.global_view(e, y, w, num_classes=self.head.num_classes,
+                                            sub_centers=self.head.sub_centers)
         if self.loss in ("softmax", "ring", "center"):
             loss = reference.softmax_cross_entropy(e, w, y)
             if self.loss == "ring":
@@ -196,12 +204,15 @@ class Objective(nn.Module):
         """(loss, the running state after this step) of an adaptive head's reference, from
         the head's state before it. ElasticFace draws the margins the head would draw next,
         from its generator (advanced only with `advance`)."""
-        head = self.head
+        head = self.margin_head
+        if self.distributed:
+            e, y, w = reference.global_view(e, y, w, num_classes=self.head.num_classes,
+                                            sub_centers=self.head.sub_centers)
         if self.loss == "curricularface":
-            loss, t = reference.curricularface_loss(e, w, y, head.t, margin=head.margin, scale=head.scale)
+            loss, t = reference.curricularface_loss(e, w, y, self.head.t, margin=head.margin, scale=head.scale)
             return loss, {"t": t}
         if self.loss == "adaface":
-            loss, mean, std = reference.adaface_loss(e, w, y, head.batch_mean, head.batch_std,
+            loss, mean, std = reference.adaface_loss(e, w, y, self.head.batch_mean, self.head.batch_std,
                                                      margin=head.margin, h=head.h, scale=head.scale,
                                                      t_alpha=head.t_alpha)
             return loss, {"batch_mean": mean, "batch_std": std}
