@@ -403,6 +403,22 @@ def bad_input_on_one_rank(rank, world):
         PartialFC(Margin(*MARGINS["arcface"]), D, 2)
     with pytest.raises(TypeError, match="PartialFC: generator must be a torch.Generator or None, got 5"):
         PartialFC(Margin(*MARGINS["arcface"]), D, C, sample_rate=0.5, generator=5)
+    # A head that a class shard cannot represent is refused, never trained as another loss.
+    for refused in (facekernels.SoftmaxLoss(C, D), facekernels.L2SoftmaxLoss(C, D),
+                    facekernels.SphereFaceLoss(C, D), facekernels.JointIdentificationVerificationLoss(C, D)):
+        with pytest.raises(ValueError, match=f"margin_loss {type(refused).__name__} cannot be class-sharded"):
+            PartialFC(refused, D, C)
+    with pytest.raises(ValueError, match="margin_loss TripletMarginLoss is not a margin head"):
+        PartialFC(facekernels.TripletMarginLoss(), D, C)
+    with pytest.raises(TypeError, match="margin_loss must be a margin head or a callable"):
+        PartialFC(0.5, D, C)
+    with pytest.raises(ValueError, match=r"CombinedMarginLoss takes m1 == 1 and m3 == 0 \(ArcFace\) or m3 > 0"):
+        PartialFC(Margin(2.0, 0.0, 0.0), D, C)(local(x, rank), local(y, rank))
+    with pytest.raises(ValueError, match="gradient='detached' applies to the combined margins"):
+        PartialFC(facekernels.CurricularFaceLoss(1, D), D, C, gradient="detached")
+    # The last, smaller batch of an epoch is allowed (on every rank alike).
+    head(local(x, rank)[:2], local(y, rank)[:2])
+    assert head.last_batch_size == 2
 
 
 def insightface_parity(rank, world):
