@@ -115,6 +115,18 @@ def parity(rank, world):
     assert head.weight.grad.dtype == torch.float32
 
 
+def sampled_classes(head, world):
+    """Every rank's sampled classes, in global numbering, rank by rank (sorted)."""
+    rows = head.weight_index
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(rows)]))
+    padded = torch.full((C,), -1, dtype=torch.int64)
+    padded[:len(rows)] = rows + head.class_start
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
+
+
 def sampling(rank, world):
     x, y, w = global_batch(world, seed=1)
     head = PartialFC(Margin(*MARGINS["arcface"]), D, C, sample_rate=0.5,
@@ -128,14 +140,7 @@ def sampling(rank, world):
     positives = torch.unique(y[shard]) - head.class_start
     assert set(positives.tolist()) <= set(rows.tolist())
     assert len(rows) == max(head.num_sample, len(positives)) and torch.equal(rows, rows.sort().values)
-    # The union of every rank's sampled classes, in global numbering.
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(rows)]))
-    padded = torch.full((C,), -1, dtype=torch.int64)
-    padded[:len(rows)] = rows + head.class_start
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    classes = torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
+    classes = sampled_classes(head, world)
     want, gx, gw = single_process(x, w, y, MARGINS["arcface"], "detached", classes=classes)
     close(loss.detach(), want)
     close(mine.grad, world * local(gx, rank))
@@ -158,18 +163,6 @@ HEADS = {  # each made the same way on every rank and in the single process
     "elastic_cos_plus": lambda: facekernels.ElasticFaceLoss(
         C, D, scale=16.0, std=0.05, kind="cos", plus=True, generator=torch.Generator().manual_seed(7)),
 }
-
-
-def sampled_classes(head, world):
-    """Every rank's sampled classes, in global numbering, rank by rank (sorted)."""
-    rows = head.weight_index
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(rows)]))
-    padded = torch.full((C,), -1, dtype=torch.int64)
-    padded[:len(rows)] = rows + head.class_start
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
 
 
 def every_head(rank, world):
