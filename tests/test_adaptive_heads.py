@@ -251,6 +251,25 @@ def test_torch_compile_fullgraph(device, name):
         torch.testing.assert_close(compiled_module.weight.grad, eager.weight.grad, rtol=1e-4, atol=1e-6)
     for (key, got), want in zip(compiled_module.state_dict().items(), eager.state_dict().values()):
         torch.testing.assert_close(got, want, msg=key)
+    # A rejected call leaves the running state bitwise as it was, compiled as in eager: the
+    # graph must not write a buffer before the op has checked the labels.
+    before = {key: value.clone() for key, value in compiled_module.state_dict().items()}
+    x, y = make_batch(17, 8, 23, device, torch.float32, seed=5)
+    y[3] = 23
+    with pytest.raises(ValueError, match=r"labels must be int64 with values in \[0, 23\), got max 23"):
+        compiled(x, y)
+    for key, value in compiled_module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_rejected_elasticface_call_leaves_the_generator_alone():
+    head = facekernels.ElasticFaceLoss(5, 8, generator=torch.Generator().manual_seed(3))
+    state = head.generator.get_state()
+    with pytest.raises(ValueError, match=r"ElasticFaceLoss: labels must be int64 with values in \[0, 5\), got max 5"):
+        head(torch.randn(4, 8), torch.tensor([0, 1, 2, 5]))
+    assert torch.equal(head.generator.get_state(), state)
+    head(torch.randn(4, 8), torch.tensor([0, 1, 2, 4]))  # a good call draws
+    assert not torch.equal(head.generator.get_state(), state)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

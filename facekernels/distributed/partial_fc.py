@@ -17,6 +17,7 @@ from facekernels.losses.adaptive_heads import target_cosines
 from facekernels.losses.margin_heads import _MarginSoftmaxHead
 from facekernels.ops.checks import check_choice, check_number
 from facekernels.ops.margin_softmax import accumulate_dtype, margin_softmax_rows
+from facekernels.ops.running import assign_after
 
 
 class _AllGather(torch.autograd.Function):
@@ -283,9 +284,8 @@ class PartialFC(nn.Module):
         loss = _ShardedSoftmax.apply(row_max, log_sum, target, self.group)
         if penalty is not None:  # the same on every rank: its gradient is counted on rank 0 only
             loss = loss + (penalty if self.rank == 0 else penalty.detach()).mean()
-        with torch.no_grad():
-            for name, value in updates.items():
-                getattr(self, name).copy_(value)
+        for name, value in updates.items():
+            assign_after(getattr(self, name), value.detach(), loss.detach())
         return loss
 
     @torch.no_grad()

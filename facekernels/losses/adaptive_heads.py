@@ -22,6 +22,7 @@ from facekernels.ops.margin_softmax import (
     accumulate_dtype,
     check_tensors,
 )
+from facekernels.ops.running import assign_after
 
 
 def _accumulate(t):
@@ -85,13 +86,17 @@ class _AdaptiveHead(_MarginSoftmaxHead):
 
     def loss(self, embeddings, labels, weight, return_predictions=False):
         check_tensors(embeddings, weight, labels, type(self).__name__)
+        if self.random_margins and self.training and not torch.compiler.is_compiling():
+            # Before the draw: a rejected call must leave the generator where it was. (A
+            # compiled graph draws its seeds from the global generator when it starts.)
+            check_label_range(type(self).__name__, labels, weight.shape[0] // self.sub_centers)
         running = {name: getattr(self, name) for name in self.running}
         options, updates = self.batch_options(
             embeddings, lambda: target_cosines(embeddings, weight, labels), running, self.training)
         result = self.fused_loss(embeddings, labels, weight, return_predictions, **options)
-        with torch.no_grad():
-            for name, value in updates.items():
-                running[name].copy_(value)
+        loss = result[0] if return_predictions else result
+        for name, value in updates.items():
+            assign_after(running[name], value.detach(), loss.detach())
         return result
 
 
