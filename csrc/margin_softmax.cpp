@@ -67,14 +67,12 @@ MarginOptions with_row_inputs(MarginOptions options, const at::Tensor& embedding
 // Rows scaled to unit norm as F.normalize does (norm floored at 1e-12), computed in the
 // accumulate type. Returns (normalized rows in `dtype`, 1 / floored norms, norms).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_rows(const at::Tensor& rows,
-                                                              at::ScalarType dtype,
-                                                              bool double_norm = false) {
+                                                              at::ScalarType dtype) {
   const at::Tensor wide = rows.to(at::toOpMathType(dtype));
   // The sum of squares of an fp32 row overflows from a norm of 1.8e19 on, which would make
-  // the row zero; the embeddings' norms (N of them) are therefore summed in double.
+  // the row zero: norms are summed in double (a pass over the rows, next to a GEMM's D).
   const at::Tensor norms =
-      double_norm ? at::linalg_vector_norm(wide, 2, {1}, /*keepdim=*/true, at::kDouble).to(wide.scalar_type())
-                  : at::linalg_vector_norm(wide, 2, {1}, /*keepdim=*/true);
+      at::linalg_vector_norm(wide, 2, {1}, /*keepdim=*/true, at::kDouble).to(wide.scalar_type());
   const at::Tensor inverse = norms.clamp_min(kNormFloor).reciprocal();
   return {(wide * inverse).to(dtype), inverse, norms};
 }
@@ -100,7 +98,7 @@ struct Rows {
 };
 
 Rows prepare_rows(const at::Tensor& embeddings, const MarginOptions& options) {
-  auto [unit, inverse, norms] = normalize_rows(embeddings, embeddings.scalar_type(), true);
+  auto [unit, inverse, norms] = normalize_rows(embeddings, embeddings.scalar_type());
   return {unit, inverse, norms, row_scales(norms, options)};
 }
 

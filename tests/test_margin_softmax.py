@@ -344,6 +344,11 @@ def test_huge_fp32_norms_are_normalized_not_zeroed(device):
     x, w, y = make_batch(6, 8, 10, device, torch.float32)
     huge = facekernels.margin_softmax_loss(x * 1e20, w, y, reduction="none")
     assert_close(huge, facekernels.margin_softmax_loss(x, w, y, reduction="none"))
+    # The weight's rows too, in every chunk, and the target cosines of the adaptive heads.
+    scale = torch.where(torch.arange(10, device=device) % 3 == 0, 1e20, 1.0)[:, None]
+    for loss in (lambda w: facekernels.margin_softmax_loss(x, w, y, reduction="none", chunk_size=4),
+                 lambda w: facekernels.CurricularFaceLoss(10, 8, scale=16.0, reduction="none").to(device).loss(x, y, w)):
+        assert_close(loss(w * scale), loss(w))
 
 
 BAD_INPUTS = [

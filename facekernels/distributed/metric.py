@@ -59,14 +59,19 @@ def _describe(x):
 
 
 def _check_pair(owner, emb_name, emb, labels_name, labels):
-    """This rank's complaint about an (embeddings, labels) pair, or None."""
-    if not isinstance(emb, torch.Tensor) or emb.dtype not in _FLOATS or emb.dim() != 2:
-        return (f"{owner}: {emb_name} must be a float16/bfloat16/float32/float64 [N, D] tensor, "
-                f"got {_describe(emb)}")
+    """This rank's complaint about an (embeddings, labels) pair, or None: a TypeError for a
+    wrong type, a ValueError for a wrong shape."""
+    if not isinstance(emb, torch.Tensor) or emb.dtype not in _FLOATS:
+        return TypeError(f"{owner}: {emb_name} must be a float16/bfloat16/float32/float64 [N, D] "
+                         f"tensor, got {_describe(emb)}")
+    if emb.dim() != 2:
+        return ValueError(f"{owner}: {emb_name} must be a [N, D] tensor, got {_describe(emb)}")
+    expected = f"an integer tensor of shape ({emb.shape[0]},), one label per row of {emb_name}"
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
-            or labels.dtype == torch.bool or labels.shape != (emb.shape[0],):
-        return (f"{owner}: {labels_name} must be an integer tensor of shape ({emb.shape[0]},), "
-                f"one label per row of {emb_name}, got {_describe(labels)}")
+            or labels.dtype == torch.bool:
+        return TypeError(f"{owner}: {labels_name} must be {expected}, got {_describe(labels)}")
+    if labels.shape != (emb.shape[0],):
+        return ValueError(f"{owner}: {labels_name} must be {expected}, got {_describe(labels)}")
     return None
 
 
@@ -78,9 +83,9 @@ def _check(owner, embeddings, labels, ref_emb, ref_labels):
     problem = _check_pair(owner, "ref_emb", ref_emb, "ref_labels", ref_labels)
     if problem is None and (ref_emb.dtype, ref_emb.shape[1], ref_emb.device) != \
             (embeddings.dtype, embeddings.shape[1], embeddings.device):
-        problem = (f"{owner}: ref_emb must have the embeddings' dtype, width and device "
-                   f"({embeddings.dtype}, {embeddings.shape[1]}, {embeddings.device}), got "
-                   f"({ref_emb.dtype}, {ref_emb.shape[1]}, {ref_emb.device})")
+        problem = ValueError(f"{owner}: ref_emb must have the embeddings' dtype, width and device "
+                             f"({embeddings.dtype}, {embeddings.shape[1]}, {embeddings.device}), "
+                             f"got ({ref_emb.dtype}, {ref_emb.shape[1]}, {ref_emb.device})")
     return problem
 
 
@@ -98,8 +103,9 @@ def _all_gather_rows(tensor, sizes, group):
 
 def _gather(owner, group, embeddings, labels, ref_emb, ref_labels):
     """(all_emb, all_labels, all_ref_emb, all_ref_labels), the refs None when not given, the
-    labels int64. Checks every rank's input first: the same ValueError on every rank when any
-    rank's input is bad or the ranks disagree on the dtype, the width or on giving ref_emb."""
+    labels int64. Checks every rank's input first: an error on every rank when any rank's
+    input is bad (its own where it arose, a ValueError naming that rank elsewhere) or the
+    ranks disagree on the dtype, the width or on giving ref_emb."""
     problem = _check(owner, embeddings, labels, ref_emb, ref_labels)
     with_ref = ref_emb is not None
     row = [1, 0, 0, 0, 0, 0] if problem else \
@@ -108,7 +114,7 @@ def _gather(owner, group, embeddings, labels, ref_emb, ref_labels):
     table = _all_gather_ints(row, group)
     failed = table[:, 0].nonzero().flatten().tolist()
     if problem:
-        raise ValueError(problem)
+        raise problem
     if failed:
         raise ValueError(f"{owner}: the input of rank(s) {failed} was rejected (see the error there)")
     for column, what, show in ((2, "embedding widths", int), (3, "embedding dtypes", _FLOATS.__getitem__),

@@ -41,8 +41,9 @@ def target_cosines(embeddings, weight, labels):
     """cos(x_i, w_{y_i}) [N] in fp32 (fp64 for fp64), clamped to [-1, 1], no gradient.
     Labels out of range are clamped here: the op that follows rejects them by name."""
     rows = labels.clamp(0, weight.shape[0] - 1)
-    x = F.normalize(_accumulate(embeddings), dim=1)
-    w = F.normalize(_accumulate(weight.index_select(0, rows)), dim=1)
+    x, w = embeddings, weight.index_select(0, rows)
+    x = _accumulate(x) / _norms(x).clamp_min(1e-12)[:, None]
+    w = _accumulate(w) / _norms(w).clamp_min(1e-12)[:, None]
     return (x * w).sum(1).clamp(-1.0, 1.0)
 
 
