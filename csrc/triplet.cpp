@@ -79,6 +79,8 @@ at::Tensor pairwise_distance_refine(const at::Tensor& squared, const at::Tensor&
   constexpr const char* op = "pairwise_distance_refine";
   check_defined_floating(op, "squared", squared);
   check_dim(op, "squared", squared, 2);
+  check_defined_floating(op, "x", x);
+  check_defined_floating(op, "ref", ref);
   check_dim(op, "x", x, 2);
   check_dim(op, "ref", ref, 2);
   TORCH_CHECK_VALUE(close.scalar_type() == at::kBool && close.sizes() == squared.sizes(), op,

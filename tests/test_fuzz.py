@@ -13,6 +13,7 @@ loads the long profile (tests/conftest.py). Each entry point runs on conftest's 
 the emulated CUDA kernels ("simt") included.
 """
 
+import copy
 import math
 
 import pytest
@@ -20,7 +21,9 @@ import torch
 
 import facekernels
 import facekernels.eval
+import torch.distributed as dist
 from facekernels import reference
+from facekernels.distributed import DistributedLossWrapper, PartialFC, gather_weight
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install '.[test]')")
 from hypothesis import given, strategies as st  # noqa: E402
@@ -361,3 +364,146 @@ def test_identification_refuses_non_finite_embeddings(data):
     enroll_invalid = {"embeddings" for name in invalid if name == "gallery_emb"}  # enroll's name
     assert_policy(lambda: gallery_store.enroll(gallery, gallery_labels), enroll_invalid,
                   lambda _: None, state=lambda: (len(gallery_store),))
+
+
+@given(data=st.data())
+def test_op_arguments_on_mixed_devices_and_dtypes(data):
+    """Every op with some tensor arguments on meta among CPU ones, or one argument of
+    another dtype: an error naming a moved argument (never uninitialized memory), or, for
+    a dtype the op accepts, a result of the right shapes."""
+    from test_devices import OPS
+    draw = data.draw
+    op = draw(st.sampled_from(sorted(OPS)))
+    tensors, options = OPS[op]
+    names = list(tensors)
+    moved = draw(st.sets(st.sampled_from(names), max_size=len(names) - 1))
+    retyped = draw(st.sampled_from([None] + names))
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                  torch.int32, torch.int64, torch.bool]))
+    args = {name: t.to("meta") if name in moved else t for name, t in tensors.items()}
+    if retyped is not None:
+        args[retyped] = args[retyped].to(dtype)
+    call = lambda: getattr(torch.ops.facekernels, op)(**args, **options)  # noqa: E731
+    if moved:
+        with pytest.raises(ValueError, match="meta") as error:
+            call()
+        assert any(name in str(error.value) for name in moved), str(error.value)
+        return
+    try:
+        out = call()
+    except (ValueError, TypeError) as error:
+        assert retyped in str(error), (retyped, dtype, str(error))
+        return
+    assert all(t.device.type == "cpu" for t in (out if isinstance(out, (tuple, list)) else [out]))
+
+
+# Compiled once each (fixed shapes: no recompilation), several in one process, as a program
+# training two models would: (compiled module, its eager twin kept in lockstep).
+COMPILED_HEADS = {
+    "arcface_0.5": lambda: facekernels.ArcFaceLoss(5, 8, margin=0.5, scale=16.0, reduction="none"),
+    "arcface_0.3": lambda: facekernels.ArcFaceLoss(5, 8, margin=0.3, scale=16.0, reduction="none"),
+    "curricularface": lambda: facekernels.CurricularFaceLoss(5, 8, scale=16.0, reduction="none"),
+    "adaface": lambda: facekernels.AdaFaceLoss(5, 8, scale=16.0, reduction="none"),
+}
+_compiled = {}
+
+
+@given(data=st.data())
+def test_compiled_heads_refuse_without_moving_state(data):
+    """A compiled head's call: bad labels raise as in eager and leave the running buffers
+    bitwise unchanged; good ones (NaN rows included) equal the eager twin, buffers too."""
+    draw = data.draw
+    name = draw(st.sampled_from(sorted(COMPILED_HEADS)))
+    if name not in _compiled:
+        eager = COMPILED_HEADS[name]()
+        module = copy.deepcopy(eager)
+        _compiled[name] = (module, torch.compile(module, fullgraph=True), eager)
+    module, compiled, eager = _compiled[name]
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
+    for _ in range(draw(st.integers(0, 2))):
+        x[draw(st.integers(0, 5)), draw(st.integers(0, 7))] = draw(st.sampled_from([math.nan, math.inf]))
+    y = torch.tensor([draw(st.integers(-1, 5)) for _ in range(6)])
+    invalid = flag("labels", bool(((y < 0) | (y > 4)).any()))
+
+    def check(loss):
+        want = eager(x, y)
+        torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4, equal_nan=True)
+        for (key, got), expected in zip(module.state_dict().items(), eager.state_dict().values()):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=key)
+
+    assert_policy(lambda: compiled(x, y), invalid, check,
+                  state=lambda: tuple(value.clone() for value in module.state_dict().values()))
+
+
+def _distributed_cases(rank, world, max_examples):
+    """PartialFC and DistributedLossWrapper on a gloo group: every rank runs the same
+    derandomized examples (the same draws), each rank corrupting its own input as drawn.
+    Bad input on any rank: an error on every rank, PartialFC's weight and buffers bitwise
+    unchanged. Otherwise PartialFC's loss equals the head on the global batch in one process
+    (NaN iff a row is not finite), and the wrapper's the loss of the gathered batch."""
+    from hypothesis import HealthCheck, settings
+
+    @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def case(data):
+        draw = data.draw
+        head_name = draw(st.sampled_from(["arcface", "curricularface", "adaface", "subcenter"]))
+        make = {"arcface": lambda: facekernels.ArcFaceLoss(1, 4, scale=16.0),
+                "curricularface": lambda: facekernels.CurricularFaceLoss(1, 4, scale=16.0),
+                "adaface": lambda: facekernels.AdaFaceLoss(1, 4, scale=16.0),
+                "subcenter": lambda: facekernels.SubCenterArcFaceLoss(1, 4, k=2, scale=16.0)}[head_name]
+        classes = draw(st.integers(world, 7))
+        head = PartialFC(make(), 4, classes, sample_rate=draw(st.sampled_from([1.0, 0.5]))).double()
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+        x = torch.randn(world * 3, 4, generator=g, dtype=torch.float64) * 10
+        y = torch.randint(0, classes, (world * 3,), generator=g)
+        if draw(st.booleans()):
+            x[draw(st.integers(0, world * 3 - 1)), 0] = math.nan  # valid: its own row is NaN
+        bad_rank = draw(st.sampled_from([None, *range(world)]))
+        problem = draw(st.sampled_from(["label", "float labels", "width", "dtype", "rows"]))
+        mine, labels = x[rank * 3:(rank + 1) * 3], y[rank * 3:(rank + 1) * 3]
+        if rank == bad_rank:
+            mine, labels = {"label": (mine, labels.index_fill(0, torch.tensor([1]), classes)),
+                            "float labels": (mine, labels.double()),
+                            "width": (torch.cat([mine, mine[:, :1]], 1), labels),
+                            "dtype": (mine.float(), labels),
+                            "rows": (mine[:2], labels[:2])}[problem]
+        before = [t.clone() for t in head.state_dict().values()]
+        if bad_rank is not None:
+            with pytest.raises((ValueError, TypeError)):
+                head(mine, labels)
+            assert all(torch.equal(a, b) for a, b in zip(before, head.state_dict().values()))
+        else:
+            loss = head(mine, labels)
+            single = make().double()
+            weight = mine_full_weight(head, classes)
+            if head.sample_rate < 1:
+                return  # sampled classes: test_distributed compares those
+            want = single.loss(x, y, weight)
+            assert bool(loss.isnan()) == bool(x.isnan().any())
+            torch.testing.assert_close(loss, want, rtol=1e-9, atol=1e-9, equal_nan=True)
+        # The wrapper takes any integer label and unequal local batch sizes.
+        wrapper = DistributedLossWrapper(facekernels.TripletMarginLoss(margin=0.2))
+        if bad_rank is not None and problem in ("float labels", "width", "dtype"):
+            with pytest.raises((ValueError, TypeError)):
+                wrapper(mine, labels)
+        elif bad_rank is None and not x.isnan().any():
+            want = facekernels.TripletMarginLoss(margin=0.2)(x, y)
+            torch.testing.assert_close(wrapper(mine, labels) / world, want, rtol=1e-9, atol=1e-9)
+
+    case()
+
+
+def mine_full_weight(head, classes):
+    full = gather_weight(head)
+    full = full if full is not None else torch.empty(classes * head.sub_centers, 4, dtype=torch.float64)
+    dist.broadcast(full, 0)
+    return full
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_partial_fc_and_wrappers_over_gloo(tmp_path):
+    from hypothesis import settings
+    from test_distributed import run
+    run(2, _distributed_cases, settings().max_examples, tmp_path=tmp_path, timeout=1800)
