@@ -16,9 +16,9 @@ TripletInputs triplet_setup(const char* op, const at::Tensor& dist, const at::Te
   check_dim(op, "dist", dist, 2);
   TORCH_CHECK_VALUE(mining >= kMineAll && mining <= kMineEvery, op, ": unknown mining type ",
                     mining);
-  TORCH_CHECK_VALUE(!self_ref || dist.size(0) == dist.size(1), op,
-                    ": dist must be square when the reference set is the batch, got ",
-                    dist.sizes());
+  TORCH_CHECK_VALUE(!self_ref || dist.size(0) <= dist.size(1), op,
+                    ": dist must have at least as many columns as rows when the reference set "
+                    "starts with the batch, got ", dist.sizes());
   const auto check_label_vector = [&](const char* name, const at::Tensor& t, int64_t n) {
     TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
                      t.scalar_type());

@@ -8,6 +8,7 @@ from facekernels.losses.adaptive_heads import (
     SubCenterArcFaceLoss,
 )
 from facekernels.losses.center_ring import CenterLoss, RingLoss, ring_loss
+from facekernels.losses.cross_batch_memory import CrossBatchMemory
 from facekernels.losses.margin_heads import (
     ArcFaceLoss,
     CombinedMarginLoss,
@@ -26,6 +27,7 @@ __all__ = [
     "CombinedMarginLoss",
     "ContrastiveLoss",
     "CosFaceLoss",
+    "CrossBatchMemory",
     "CurricularFaceLoss",
     "ElasticFaceLoss",
     "JointIdentificationVerificationLoss",

@@ -73,12 +73,13 @@ class TripletMarginLoss(_MetricLoss):
         self.swap, self.smooth_loss = bool(swap), bool(smooth_loss)
         self.triplets_per_anchor, self.mining = triplets_per_anchor, mining
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
+                *, ref_starts_with_batch=False):
         self._read_distance()
         kw = dict(margin=self.margin, mining=self.mining, distance=self._distance, swap=self.swap,
                   smooth_loss=self.smooth_loss, triplets_per_anchor=self.triplets_per_anchor,
                   normalize_embeddings=self.normalize_embeddings, indices_tuple=indices_tuple,
-                  ref_emb=ref_emb, ref_labels=ref_labels)
+                  ref_emb=ref_emb, ref_labels=ref_labels, ref_starts_with_batch=ref_starts_with_batch)
         if self._as_loss_dict:
             terms, triplets, _ = triplet_margin_terms(embeddings, labels, **kw)
             loss = {"loss": {"losses": terms, "indices": triplets, "reduction_type": "triplet"}}
@@ -108,11 +109,12 @@ class ContrastiveLoss(_MetricLoss):
         self.pos_margin = check_number("ContrastiveLoss", "pos_margin", pos_margin)
         self.neg_margin = check_number("ContrastiveLoss", "neg_margin", neg_margin)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
+                *, ref_starts_with_batch=False):
         self._read_distance()
         kw = dict(pos_margin=self.pos_margin, neg_margin=self.neg_margin, distance=self._distance,
                   normalize_embeddings=self.normalize_embeddings, indices_tuple=indices_tuple,
-                  ref_emb=ref_emb, ref_labels=ref_labels)
+                  ref_emb=ref_emb, ref_labels=ref_labels, ref_starts_with_batch=ref_starts_with_batch)
         if self._as_loss_dict:
             pos, neg, (a1, p, a2, n), _ = contrastive_pair_losses(embeddings, labels, **kw)
             loss = {"pos_loss": {"losses": pos, "indices": (a1, p), "reduction_type": "pos_pair"},

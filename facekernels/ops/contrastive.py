@@ -41,18 +41,20 @@ def contrastive_loss(emb1, emb2, y, margin=1.0):
 
 def contrastive_pair_losses(embeddings, labels=None, *, pos_margin=0.0, neg_margin=1.0,
                             distance="euclidean", normalize_embeddings=True, indices_tuple=None,
-                            ref_emb=None, ref_labels=None):
+                            ref_emb=None, ref_labels=None, ref_starts_with_batch=False):
     """(pos_losses, neg_losses, (a1, p, a2, n), dist): pytorch-metric-learning's
     ContrastiveLoss terms over the given pairs (triplets (a, p, n) become (a, p, a, n), as
     PML converts them; duplicates count as often as they are given), else over every pair
-    of the batch with the reference set (i != j when that is the batch itself)."""
+    of the batch with the reference set (no positive (i, i) when that is the batch itself or
+    starts with it: ref_starts_with_batch, as in triplet_margin_loss)."""
     op = "ContrastiveLoss"
     check_choice(op, "distance", distance, DISTANCES)
     pos_margin = check_number(op, "pos_margin", pos_margin)
     neg_margin = check_number(op, "neg_margin", neg_margin)
     if labels is None and indices_tuple is None:
         raise ValueError(f"{op}: labels are required when indices_tuple is not given")
-    labels, ref, ref_labels, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)
+    labels, ref, ref_labels, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels,
+                                                          ref_starts_with_batch)
     if indices_tuple is not None:
         a1, p, a2, n = to_pairs(check_indices(op, indices_tuple, embeddings, ref))
     else:
@@ -62,7 +64,7 @@ def contrastive_pair_losses(embeddings, labels=None, *, pos_margin=0.0, neg_marg
             positive.fill_diagonal_(False)
         a1, p = torch.nonzero(positive, as_tuple=True)
         a2, n = torch.nonzero(~same, as_tuple=True)
-    d = pairwise_distance(embeddings, None if self_ref else ref, distance, normalize_embeddings)
+    d = pairwise_distance(embeddings, None if ref is embeddings else ref, distance, normalize_embeddings)
     pos, neg = d[a1, p], d[a2, n]
     if distance == "cosine":
         pos_losses, neg_losses = F.relu(pos_margin - pos), F.relu(neg - neg_margin)
@@ -74,7 +76,7 @@ def contrastive_pair_losses(embeddings, labels=None, *, pos_margin=0.0, neg_marg
 def double_margin_contrastive_loss(embeddings, labels=None, *, pos_margin=0.0, neg_margin=1.0,
                                    distance="euclidean", reduction="mean_nonzero",
                                    normalize_embeddings=True, indices_tuple=None, ref_emb=None,
-                                   ref_labels=None):
+                                   ref_labels=None, ref_starts_with_batch=False):
     """pytorch-metric-learning's ContrastiveLoss: positive pairs give relu(d - pos_margin)
     and negative pairs relu(neg_margin - d) (for "cosine", a similarity s:
     relu(pos_margin - s) and relu(s - neg_margin)); each part is reduced by "mean_nonzero"
@@ -85,7 +87,7 @@ def double_margin_contrastive_loss(embeddings, labels=None, *, pos_margin=0.0, n
     pos_losses, neg_losses, _, d = contrastive_pair_losses(
         embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin, distance=distance,
         normalize_embeddings=normalize_embeddings, indices_tuple=indices_tuple, ref_emb=ref_emb,
-        ref_labels=ref_labels,
+        ref_labels=ref_labels, ref_starts_with_batch=ref_starts_with_batch,
     )
     if reduction == "none":
         return pos_losses, neg_losses

@@ -37,9 +37,11 @@ def metric_labels(op, name, labels, embeddings):
     return labels.to(device=embeddings.device, dtype=torch.int64)
 
 
-def resolve_reference(op, embeddings, labels, ref_emb, ref_labels):
+def resolve_reference(op, embeddings, labels, ref_emb, ref_labels, ref_starts_with_batch=False):
     """(labels, ref_emb, ref_labels, self_ref): labels as int64 (or None), and the reference
-    set, the batch itself by default."""
+    set, the batch itself by default. self_ref: reference row i is embedding row i, for the
+    first N rows (the batch itself, or ref_starts_with_batch: a memory whose first N rows
+    hold this batch, as CrossBatchMemory passes it)."""
     check_embeddings(op, embeddings, allow_empty=True)
     if labels is not None:
         labels = metric_labels(op, "labels", labels, embeddings)
@@ -59,7 +61,11 @@ def resolve_reference(op, embeddings, labels, ref_emb, ref_labels):
             f"{op}: ref_emb must have {embeddings.shape[1]} columns like the embeddings, "
             f"got shape {tuple(ref_emb.shape)}"
         )
-    return labels, ref_emb, metric_labels(op, "ref_labels", ref_labels, ref_emb), False
+    if ref_starts_with_batch and ref_emb.shape[0] < embeddings.shape[0]:
+        raise ValueError(f"{op}: ref_starts_with_batch needs ref_emb to hold the batch's "
+                         f"{embeddings.shape[0]} rows first, got {ref_emb.shape[0]} rows")
+    ref_labels = metric_labels(op, "ref_labels", ref_labels, ref_emb)
+    return labels, ref_emb, ref_labels, bool(ref_starts_with_batch)
 
 
 def check_indices(op, indices_tuple, rows, columns):
@@ -288,7 +294,7 @@ class _Setup(NamedTuple):
     normalize_embeddings: bool
 
     def dist(self):
-        ref = None if self.self_ref else self.ref
+        ref = None if self.ref is self.embeddings else self.ref
         return dissimilarity(self.embeddings, ref, self.distance, self.normalize_embeddings)
 
     def empty(self):
@@ -296,7 +302,7 @@ class _Setup(NamedTuple):
 
 
 def _setup_loss(embeddings, labels, margin, mining, distance, triplets_per_anchor,
-                normalize_embeddings, indices_tuple, ref_emb, ref_labels):
+                normalize_embeddings, indices_tuple, ref_emb, ref_labels, ref_starts_with_batch):
     op = "TripletMarginLoss"
     check_choice(op, "mining", mining, MINING)
     check_choice(op, "distance", distance, DISTANCES)
@@ -304,7 +310,8 @@ def _setup_loss(embeddings, labels, margin, mining, distance, triplets_per_ancho
     check_triplets_per_anchor(op, triplets_per_anchor)
     if labels is None and indices_tuple is None:
         raise ValueError(f"{op}: labels are required when indices_tuple is not given")
-    labels, ref, columns, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels)
+    labels, ref, columns, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels,
+                                                       ref_starts_with_batch)
     if indices_tuple is not None:
         indices_tuple = to_triplets(check_indices(op, indices_tuple, embeddings, ref))
     elif triplets_per_anchor != "all" and mining is None:
@@ -327,7 +334,7 @@ def _gathered_terms(setup, swap, smooth_loss):
     a, p, n = triplets
     d_ap, d_an = dist[a, p], dist[a, n]
     if swap:  # p and n both index the reference set
-        swap_dist = dist if setup.self_ref else \
+        swap_dist = dist if setup.ref is setup.embeddings else \
             dissimilarity(setup.ref, None, setup.distance, setup.normalize_embeddings)
         d_an = torch.minimum(d_an, swap_dist[p, n])
     violation = d_ap - d_an + setup.margin
@@ -337,19 +344,19 @@ def _gathered_terms(setup, swap, smooth_loss):
 def triplet_margin_terms(embeddings, labels=None, *, margin=0.05, mining=None,
                          distance="euclidean", swap=False, smooth_loss=False,
                          triplets_per_anchor="all", normalize_embeddings=True, indices_tuple=None,
-                         ref_emb=None, ref_labels=None):
+                         ref_emb=None, ref_labels=None, ref_starts_with_batch=False):
     """(terms, (a, p, n), dist): each triplet's loss, the triplets (as in
     triplet_margin_loss) and the distance matrix they were read from, gathered over the
     list (memory O(T))."""
     setup = _setup_loss(embeddings, labels, margin, mining, distance, triplets_per_anchor,
-                        normalize_embeddings, indices_tuple, ref_emb, ref_labels)
+                        normalize_embeddings, indices_tuple, ref_emb, ref_labels, ref_starts_with_batch)
     return _gathered_terms(setup, swap, smooth_loss)
 
 
 def triplet_margin_loss(embeddings, labels=None, *, margin=0.05, mining=None,
                         distance="euclidean", reduction="mean_nonzero", swap=False,
                         smooth_loss=False, triplets_per_anchor="all", normalize_embeddings=True,
-                        indices_tuple=None, ref_emb=None, ref_labels=None):
+                        indices_tuple=None, ref_emb=None, ref_labels=None, ref_starts_with_batch=False):
     """Triplet margin loss (Schroff et al. 2015) with pytorch-metric-learning's semantics:
     per triplet relu(d_ap - d_an + margin) (softplus when smooth_loss; for cosine,
     s_an - s_ap + margin; swap replaces d_an by min(d_an, d_pn), d_pn between reference
@@ -363,10 +370,12 @@ def triplet_margin_loss(embeddings, labels=None, *, margin=0.05, mining=None,
     fused pass over the pairwise distances: no triplet list, no N^3 temporary; a given or
     drawn list, swap, or reduction="none" gathers over the list (memory O(T)). Any NaN
     distance makes a reduced loss NaN. An empty batch gives 0, still in the graph.
+    ref_starts_with_batch: ref_emb's first N rows are the embeddings themselves (a memory
+    holding this batch, as CrossBatchMemory's): the positive (i, i) is not a triplet.
     """
     check_choice("TripletMarginLoss", "reduction", reduction, REDUCTIONS)
     setup = _setup_loss(embeddings, labels, margin, mining, distance, triplets_per_anchor,
-                        normalize_embeddings, indices_tuple, ref_emb, ref_labels)
+                        normalize_embeddings, indices_tuple, ref_emb, ref_labels, ref_starts_with_batch)
     if setup.triplets is not None or swap or reduction == "none":
         terms, _, dist = _gathered_terms(setup, swap, smooth_loss)
         if reduction == "none":
