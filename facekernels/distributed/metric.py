@@ -10,15 +10,20 @@ Errors are collective: when any rank's input is bad, or the wrapped loss or mine
 any rank, every rank raises (its own error where it arose, naming the failing ranks
 elsewhere) and no rank is left waiting in a collective.
 
+The loss wrapper also takes a CrossBatchMemory (ours or PML's; not with efficient=True or
+ref_emb, as PML): the memory then sees the gathered batch, enqueue_mask gathered alike.
+
 Deliberate differences from PML:
 - torch.distributed not initialized: RuntimeError (PML's loss wrapper warns and returns the
   local loss, a silent change of the objective; its miner wrapper fails inside torch).
 - Local batch sizes may differ across ranks (the all-gather is padded); PML needs equal sizes.
-- labels are required (PML's non-efficient loss wrapper accepts labels=None with an
-  indices_tuple); they may have any integer dtype and are gathered as int64.
-- efficient=True with a ref_emb of your own: no pair (i, i) is dropped, because reference
-  row i is not anchor i there; PML drops them as if the references were the batch itself.
-- An optional process_group (PML always uses the world); CrossBatchMemory is not supported.
+- Labels may have any integer dtype and are gathered as int64; the ranks must agree on
+  giving them or not (labels=None with an indices_tuple, as PML's loss wrapper allows).
+- An optional process_group (PML always uses the world).
+
+As PML, efficient=True with a ref_emb of your own drops the positive pair (anchor i,
+reference row i) although reference row i is another sample than anchor i (PML treats the
+references as if they were the batch); our wrappers do the same, so that results agree.
 """
 
 import torch
@@ -66,6 +71,8 @@ def _check_pair(owner, emb_name, emb, labels_name, labels):
                          f"tensor, got {_describe(emb)}")
     if emb.dim() != 2:
         return ValueError(f"{owner}: {emb_name} must be a [N, D] tensor, got {_describe(emb)}")
+    if labels is None:  # with an indices_tuple (the wrapped loss needs one then)
+        return None
     expected = f"an integer tensor of shape ({emb.shape[0]},), one label per row of {emb_name}"
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
             or labels.dtype == torch.bool:
@@ -80,6 +87,8 @@ def _check(owner, embeddings, labels, ref_emb, ref_labels):
     problem = _check_pair(owner, "embeddings", embeddings, "labels", labels)
     if problem or (ref_emb is None and ref_labels is None):
         return problem
+    if ref_emb is None:
+        return ValueError(f"{owner}: ref_labels given without ref_emb")
     problem = _check_pair(owner, "ref_emb", ref_emb, "ref_labels", ref_labels)
     if problem is None and (ref_emb.dtype, ref_emb.shape[1], ref_emb.device) != \
             (embeddings.dtype, embeddings.shape[1], embeddings.device):
@@ -101,16 +110,22 @@ def _all_gather_rows(tensor, sizes, group):
                                  if r != rank])
 
 
-def _gather(owner, group, embeddings, labels, ref_emb, ref_labels):
-    """(all_emb, all_labels, all_ref_emb, all_ref_labels), the refs None when not given, the
-    labels int64. Checks every rank's input first: an error on every rank when any rank's
-    input is bad (its own where it arose, a ValueError naming that rank elsewhere) or the
-    ranks disagree on the dtype, the width or on giving ref_emb."""
+def _gather(owner, group, embeddings, labels, ref_emb, ref_labels, enqueue_mask=None):
+    """(all_emb, all_labels, all_ref_emb, all_ref_labels, all_enqueue_mask), None where not
+    given, the labels int64. Checks every rank's input first: an error on every rank when
+    any rank's input is bad (its own where it arose, a ValueError naming that rank
+    elsewhere) or the ranks disagree on the dtype, the width or on giving labels, ref_emb,
+    ref_labels or enqueue_mask."""
     problem = _check(owner, embeddings, labels, ref_emb, ref_labels)
-    with_ref = ref_emb is not None
-    row = [1, 0, 0, 0, 0, 0] if problem else \
-        [0, len(embeddings), embeddings.shape[1], _FLOATS.index(embeddings.dtype), with_ref,
-         len(ref_emb) if with_ref else 0]
+    if problem is None and enqueue_mask is not None and (
+            not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool
+            or enqueue_mask.shape != (len(embeddings),)):
+        problem = ValueError(f"{owner}: enqueue_mask must be a bool tensor of shape "
+                             f"({len(embeddings)},), got {_describe(enqueue_mask)}")
+    given = [labels is not None, ref_emb is not None, ref_labels is not None, enqueue_mask is not None]
+    row = [1] + [0] * 8 if problem else \
+        [0, len(embeddings), embeddings.shape[1], _FLOATS.index(embeddings.dtype), *given,
+         len(ref_emb) if given[1] else 0]
     table = _all_gather_ints(row, group)
     failed = table[:, 0].nonzero().flatten().tolist()
     if problem:
@@ -118,17 +133,24 @@ def _gather(owner, group, embeddings, labels, ref_emb, ref_labels):
     if failed:
         raise ValueError(f"{owner}: the input of rank(s) {failed} was rejected (see the error there)")
     for column, what, show in ((2, "embedding widths", int), (3, "embedding dtypes", _FLOATS.__getitem__),
-                               (4, "ref_emb (given or not)", bool)):
+                               (4, "labels (given or not)", bool), (5, "ref_emb (given or not)", bool),
+                               (6, "ref_labels (given or not)", bool),
+                               (7, "enqueue_mask (given or not)", bool)):
         if len(set(table[:, column].tolist())) > 1:
             values = [show(value) for value in table[:, column].tolist()]
             raise ValueError(f"{owner}: the ranks' {what} differ: {values} on ranks 0..{len(values) - 1}")
-    all_emb = _all_gather_rows(embeddings, table[:, 1].tolist(), group)
-    all_labels = _all_gather_rows(labels.to(embeddings.device, torch.int64), table[:, 1].tolist(), group)
-    if not with_ref:
-        return all_emb, all_labels, None, None
-    all_ref = _all_gather_rows(ref_emb, table[:, 5].tolist(), group)
-    all_ref_labels = _all_gather_rows(ref_labels.to(ref_emb.device, torch.int64), table[:, 5].tolist(), group)
-    return all_emb, all_labels, all_ref, all_ref_labels
+    sizes, ref_sizes = table[:, 1].tolist(), table[:, 8].tolist()
+
+    def rows(tensor, sizes, device):
+        return None if tensor is None else _all_gather_rows(tensor.to(device), sizes, group)
+
+    def int_rows(tensor, sizes, device):
+        return None if tensor is None else rows(tensor.to(device, torch.int64), sizes, device)
+
+    device = embeddings.device
+    return (rows(embeddings, sizes, device), int_rows(labels, sizes, device),
+            rows(ref_emb, ref_sizes, device), int_rows(ref_labels, ref_sizes, device),
+            None if enqueue_mask is None else int_rows(enqueue_mask, sizes, device).bool())
 
 
 def _all_pairs(labels, ref_labels):
@@ -138,8 +160,9 @@ def _all_pairs(labels, ref_labels):
 
 
 def _without_self(indices_tuple):
-    """Drops the comparisons (i, i) of local anchor i with reference row i, its own copy in
-    the gathered batch: PML's remove_self_comparisons for this rank's rows coming first."""
+    """Drops the positive pairs (i, i) of local anchor i with reference row i (its own copy
+    in the gathered batch, or PML's choice for a ref_emb): PML's remove_self_comparisons for
+    this rank's rows coming first."""
     a, p = indices_tuple[:2]
     keep = a != p
     if len(indices_tuple) == 3:
@@ -149,56 +172,71 @@ def _without_self(indices_tuple):
 
 class DistributedLossWrapper(nn.Module):
     """pytorch-metric-learning's DistributedLossWrapper: a metric loss over the embeddings of
-    every rank. ``loss = wrapper(embeddings, labels, indices_tuple=None, ref_emb=None,
-    ref_labels=None)`` with this rank's embeddings and labels.
+    every rank. ``loss = wrapper(embeddings, labels=None, indices_tuple=None, ref_emb=None,
+    ref_labels=None, enqueue_mask=None)`` with this rank's embeddings and labels.
 
     - efficient=False: the wrapped loss of the whole gathered batch (this rank's rows first,
       so indices_tuple may index the local batch, or the gathered one as
       DistributedMinerWrapper(efficient=False) returns); the same value on every rank.
     - efficient=True: this rank's rows as anchors against every gathered row as reference
       (the loss's ref_emb / ref_labels path); without indices_tuple, every pair but each
-      anchor with itself. indices_tuple: anchors index the local batch, the rest the gathered
-      one, as DistributedMinerWrapper(efficient=True) returns.
+      anchor i with reference row i. indices_tuple: anchors index the local batch, the rest
+      the gathered one, as DistributedMinerWrapper(efficient=True) returns.
+    - a CrossBatchMemory (facekernels' or PML's; efficient=False, no ref_emb): the memory
+      gets the gathered batch and the gathered enqueue_mask.
 
     ref_emb / ref_labels, if given, are gathered likewise and replace the gathered batch as
-    the reference set. As PML, the result is world_size times the wrapped loss: the gradient
-    reaches only this rank's rows (the others' arrive detached), and DDP's averaging over
-    ranks then gives the gradient of the loss. With one rank, the wrapped loss as it is.
+    the reference set. labels may be None with an indices_tuple. As PML, the result is
+    world_size times the wrapped loss: the gradient reaches only this rank's rows (the
+    others' arrive detached), and DDP's averaging over ranks then gives the gradient of the
+    loss. With one rank, the wrapped loss as it is.
 
     Args:
-        loss: facekernels' TripletMarginLoss or ContrastiveLoss, or any loss with PML's call
-            contract ``loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)`` that
-            returns a tensor.
+        loss: facekernels' TripletMarginLoss, ContrastiveLoss or CrossBatchMemory, or any
+            loss with PML's call contract ``loss(embeddings, labels, indices_tuple, ref_emb,
+            ref_labels)`` that returns a tensor (PML's own, and PML's CrossBatchMemory).
         efficient: see above.
         process_group: the group to gather over (default: the world).
     """
 
     def __init__(self, loss, efficient=False, *, process_group=None):
         super().__init__()
-        if not callable(loss) or type(loss).__name__ == "CrossBatchMemory":
+        if not callable(loss):
             raise TypeError("DistributedLossWrapper: loss must be a metric loss called as "
-                            "loss(embeddings, labels, indices_tuple, ref_emb, ref_labels) "
-                            f"(CrossBatchMemory is not supported), got {type(loss).__name__}")
+                            "loss(embeddings, labels, indices_tuple, ref_emb, ref_labels) or a "
+                            f"CrossBatchMemory, got {type(loss).__name__}")
+        self.memory = type(loss).__name__ == "CrossBatchMemory"
+        if self.memory and efficient:
+            raise ValueError("DistributedLossWrapper: efficient=True does not apply to a "
+                             "CrossBatchMemory (as in PML)")
         self.loss, self.efficient, self.process_group = loss, bool(efficient), process_group
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
+                enqueue_mask=None):
         owner, group = "DistributedLossWrapper", self.process_group
         world = world_size(owner, group)
+        if self.memory and (ref_emb is not None or ref_labels is not None):
+            raise ValueError(f"{owner}: a CrossBatchMemory takes no ref_emb / ref_labels (as in PML)")
+        if not self.memory and enqueue_mask is not None:
+            raise ValueError(f"{owner}: enqueue_mask applies to a CrossBatchMemory only")
         if world == 1:
+            if self.memory:
+                return self.loss(embeddings, labels, indices_tuple, enqueue_mask)
             return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        gathered = _gather(owner, group, embeddings, labels, ref_emb, ref_labels)
+        gathered = _gather(owner, group, embeddings, labels, ref_emb, ref_labels, enqueue_mask)
         return _collectively(owner, group, self._loss, embeddings, indices_tuple, *gathered) * world
 
-    def _loss(self, embeddings, indices_tuple, all_emb, all_labels, all_ref, all_ref_labels):
-        if not self.efficient:
+    def _loss(self, embeddings, indices_tuple, all_emb, all_labels, all_ref, all_ref_labels, all_mask):
+        if self.memory:
+            loss = self.loss(all_emb, all_labels, indices_tuple, all_mask)
+        elif not self.efficient:
             loss = self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels)
         else:
-            labels = all_labels[:len(embeddings)]
-            ref, ref_labels = (all_emb, all_labels) if all_ref is None else (all_ref, all_ref_labels)
-            if indices_tuple is None:
-                indices_tuple = _all_pairs(labels, ref_labels)
-                if all_ref is None:
-                    indices_tuple = _without_self(indices_tuple)
+            labels = None if all_labels is None else all_labels[:len(embeddings)]
+            ref = all_emb if all_ref is None else all_ref
+            ref_labels = all_labels if all_ref is None else all_ref_labels
+            if indices_tuple is None and labels is not None:
+                indices_tuple = _without_self(_all_pairs(labels, ref_labels))
             loss = self.loss(embeddings, labels, indices_tuple, ref, ref_labels)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"DistributedLossWrapper: the wrapped loss returned a "
@@ -217,8 +255,8 @@ class DistributedMinerWrapper(nn.Module):
     - efficient=False: the wrapped miner on the whole gathered batch (this rank's rows
       first); indices into it, for DistributedLossWrapper(efficient=False).
     - efficient=True: this rank's rows as anchors against every gathered row as reference,
-      without the comparisons of an anchor with itself; anchors index the local batch, the
-      rest the gathered one, for DistributedLossWrapper(efficient=True).
+      without the positive pairs of anchor i with reference row i (as PML); anchors index
+      the local batch, the rest the gathered one, for DistributedLossWrapper(efficient=True).
 
     ref_emb / ref_labels, if given, are gathered likewise and replace the gathered batch as
     the reference set. With one rank, the wrapped miner as it is.
@@ -237,20 +275,21 @@ class DistributedMinerWrapper(nn.Module):
                             f"miner(embeddings, labels, ref_emb, ref_labels), got {type(miner).__name__}")
         self.miner, self.efficient, self.process_group = miner, bool(efficient), process_group
 
-    def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         owner, group = "DistributedMinerWrapper", self.process_group
         if world_size(owner, group) == 1:
             return self.miner(embeddings, labels, ref_emb, ref_labels)
-        gathered = _gather(owner, group, embeddings, labels, ref_emb, ref_labels)
+        if labels is None:
+            raise TypeError(f"{owner}: labels must be an integer tensor, got NoneType")
+        gathered = _gather(owner, group, embeddings, labels, ref_emb, ref_labels)[:4]
         return _collectively(owner, group, self._mine, embeddings, *gathered)
 
     def _mine(self, embeddings, all_emb, all_labels, all_ref, all_ref_labels):
         if not self.efficient:
             return self.miner(all_emb, all_labels, all_ref, all_ref_labels)
         labels = all_labels[:len(embeddings)]
-        if all_ref is None:
-            return _without_self(self.miner(embeddings, labels, all_emb, all_labels))
-        return self.miner(embeddings, labels, all_ref, all_ref_labels)
+        ref, ref_labels = (all_emb, all_labels) if all_ref is None else (all_ref, all_ref_labels)
+        return _without_self(self.miner(embeddings, labels, ref, ref_labels))
 
     def extra_repr(self):
         return f"efficient={self.efficient}"
