@@ -54,7 +54,7 @@ def contrastive_pair_losses(embeddings, labels=None, *, pos_margin=0.0, neg_marg
     if labels is None and indices_tuple is None:
         raise ValueError(f"{op}: labels are required when indices_tuple is not given")
     labels, ref, ref_labels, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels,
-                                                          ref_starts_with_batch)
+                                                          ref_starts_with_batch, indices_tuple is not None)
     if indices_tuple is not None:
         a1, p, a2, n = to_pairs(check_indices(op, indices_tuple, embeddings, ref))
     else:

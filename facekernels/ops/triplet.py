@@ -37,11 +37,13 @@ def metric_labels(op, name, labels, embeddings):
     return labels.to(device=embeddings.device, dtype=torch.int64)
 
 
-def resolve_reference(op, embeddings, labels, ref_emb, ref_labels, ref_starts_with_batch=False):
+def resolve_reference(op, embeddings, labels, ref_emb, ref_labels, ref_starts_with_batch=False,
+                      indices_given=False):
     """(labels, ref_emb, ref_labels, self_ref): labels as int64 (or None), and the reference
     set, the batch itself by default. self_ref: reference row i is embedding row i, for the
     first N rows (the batch itself, or ref_starts_with_batch: a memory whose first N rows
-    hold this batch, as CrossBatchMemory passes it)."""
+    hold this batch, as CrossBatchMemory passes it). ref_labels may be left out when the
+    indices are given (as PML allows)."""
     check_embeddings(op, embeddings, allow_empty=True)
     if labels is not None:
         labels = metric_labels(op, "labels", labels, embeddings)
@@ -49,8 +51,8 @@ def resolve_reference(op, embeddings, labels, ref_emb, ref_labels, ref_starts_wi
         if ref_labels is not None:
             raise ValueError(f"{op}: ref_labels given without ref_emb")
         return labels, embeddings, labels, True
-    if ref_labels is None:
-        raise ValueError(f"{op}: ref_labels is required when ref_emb is given")
+    if ref_labels is None and not indices_given:
+        raise ValueError(f"{op}: ref_labels is required when ref_emb is given without indices_tuple")
     check_embeddings(op, ref_emb, "ref_emb", allow_empty=True)
     if ref_emb.dtype != embeddings.dtype:
         raise TypeError(f"{op}: ref_emb must have the embeddings' dtype {embeddings.dtype}, "
@@ -64,7 +66,8 @@ def resolve_reference(op, embeddings, labels, ref_emb, ref_labels, ref_starts_wi
     if ref_starts_with_batch and ref_emb.shape[0] < embeddings.shape[0]:
         raise ValueError(f"{op}: ref_starts_with_batch needs ref_emb to hold the batch's "
                          f"{embeddings.shape[0]} rows first, got {ref_emb.shape[0]} rows")
-    ref_labels = metric_labels(op, "ref_labels", ref_labels, ref_emb)
+    if ref_labels is not None:
+        ref_labels = metric_labels(op, "ref_labels", ref_labels, ref_emb)
     return labels, ref_emb, ref_labels, bool(ref_starts_with_batch)
 
 
@@ -311,7 +314,7 @@ def _setup_loss(embeddings, labels, margin, mining, distance, triplets_per_ancho
     if labels is None and indices_tuple is None:
         raise ValueError(f"{op}: labels are required when indices_tuple is not given")
     labels, ref, columns, self_ref = resolve_reference(op, embeddings, labels, ref_emb, ref_labels,
-                                                       ref_starts_with_batch)
+                                                       ref_starts_with_batch, indices_tuple is not None)
     if indices_tuple is not None:
         indices_tuple = to_triplets(check_indices(op, indices_tuple, embeddings, ref))
     elif triplets_per_anchor != "all" and mining is None:
