@@ -5,12 +5,14 @@ under DDP on 2 ranks with the wrappers, for its 17 configurations (ContrastiveLo
 or inside a CrossBatchMemory with and without an enqueue mask, with PairMarginMiner, with
 reference embeddings, labels passed to the loss or not, efficient or not), fp32 and fp64.
 
-Each configuration runs with three stacks:
+Each configuration runs with four stacks:
 - "pml": PML's wrappers, loss, memory and miner (the control: PML passes its own test);
 - "wrappers": facekernels' DistributedLossWrapper / DistributedMinerWrapper swapped in for
   PML's, around PML's loss, memory and miner;
 - "facekernels": our wrappers around our ContrastiveLoss and CrossBatchMemory (PML's
-  PairMarginMiner: facekernels has no pair miner).
+  PairMarginMiner: facekernels has no pair miner);
+- "integration": PML's wrappers and memory around our ContrastiveLoss as a PML class
+  (facekernels.integrations.pml).
 
 PML compares with torch.allclose(rtol=1e-2); here fp64 must also agree to 1e-9.
 """
@@ -30,6 +32,7 @@ from pytorch_metric_learning.utils import distributed as pml_distributed  # noqa
 
 import facekernels  # noqa: E402
 from facekernels.distributed import DistributedLossWrapper, DistributedMinerWrapper  # noqa: E402
+from facekernels.integrations import pml as fk_pml  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -51,6 +54,8 @@ STACKS = {
                  pml_losses.CrossBatchMemory),
     "facekernels": (DistributedLossWrapper, DistributedMinerWrapper, facekernels.ContrastiveLoss,
                     facekernels.CrossBatchMemory),
+    "integration": (pml_distributed.DistributedLossWrapper, pml_distributed.DistributedMinerWrapper,
+                    fk_pml.ContrastiveLoss, pml_losses.CrossBatchMemory),
 }
 
 

@@ -1,0 +1,2 @@
+"""Adapters for other libraries' machinery (imported on demand: facekernels itself needs
+none of them)."""
