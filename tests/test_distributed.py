@@ -244,7 +244,7 @@ def drop_in(rank, world, path):
     mine.margin_softmax.s, mine.margin_softmax.m2 = 20.0, 0.3
     loss = mine(local(x, rank).double(), local(y, rank))
     classes = sampled_classes(mine, world)
-    want = facekernels.margin_softmax_loss(x.double(), mine_full(mine, world)[classes],
+    want = facekernels.margin_softmax_loss(x.double(), full_weight(mine).double()[classes],
                                            torch.searchsorted(classes, y), scale=20.0, m2=0.3,
                                            gradient="detached")
     torch.testing.assert_close(loss.detach().double(), want, rtol=1e-5, atol=1e-5)
@@ -268,12 +268,13 @@ def drop_in(rank, world, path):
     assert mine(local(x, rank), local(y, rank)).isfinite()
 
 
-def mine_full(head, world):
-    """The whole [C, D] weight of a PartialFC, on every rank."""
+def full_weight(head):
+    """The whole [num_classes * K, D] weight of a PartialFC, on every rank."""
     full = gather_weight(head)
-    full = full if full is not None else torch.empty(C, D, dtype=head.weight.dtype)
+    if full is None:
+        full = torch.empty(head.num_classes * head.sub_centers, head.embedding_size, dtype=head.weight.dtype)
     dist.broadcast(full, 0)
-    return full.double()
+    return full
 
 
 def test_insightface_train_script_contract(tmp_path):

@@ -21,9 +21,8 @@ import torch
 
 import facekernels
 import facekernels.eval
-import torch.distributed as dist
 from facekernels import reference
-from facekernels.distributed import DistributedLossWrapper, PartialFC, gather_weight
+from facekernels.distributed import DistributedLossWrapper, PartialFC
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install '.[test]')")
 from hypothesis import given, strategies as st  # noqa: E402
@@ -442,6 +441,7 @@ def _distributed_cases(rank, world, max_examples):
     unchanged. Otherwise PartialFC's loss equals the head on the global batch in one process
     (NaN iff a row is not finite), and the wrapper's the loss of the gathered batch."""
     from hypothesis import HealthCheck, settings
+    from test_distributed import full_weight
 
     @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck))
@@ -477,7 +477,7 @@ def _distributed_cases(rank, world, max_examples):
         else:
             loss = head(mine, labels)
             single = make().double()
-            weight = mine_full_weight(head, classes)
+            weight = full_weight(head)
             if head.sample_rate < 1:
                 return  # sampled classes: test_distributed compares those
             want = single.loss(x, y, weight)
@@ -493,13 +493,6 @@ def _distributed_cases(rank, world, max_examples):
             torch.testing.assert_close(wrapper(mine, labels) / world, want, rtol=1e-9, atol=1e-9)
 
     case()
-
-
-def mine_full_weight(head, classes):
-    full = gather_weight(head)
-    full = full if full is not None else torch.empty(classes * head.sub_centers, 4, dtype=torch.float64)
-    dist.broadcast(full, 0)
-    return full
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
