@@ -1,6 +1,7 @@
-"""Center loss forward + backward + center update: the fused op against the gather
-reference (with its update step), its torch.compile, and the common N x C
-distance-matrix formulation.
+"""Center loss forward + backward + center update: the fused op against what a careful
+user writes in eager PyTorch (gather the batch's centers, update only the batch's classes
+in place with unique + index_add_) and its torch.compile, the gather reference (whose
+update builds a dense C x D delta), and the common N x C distance-matrix formulation.
 
     pytest benchmarks/bench_center_loss.py --benchmark-only
 """
@@ -14,7 +15,7 @@ from conftest import DEVICES
 
 ALPHA = 0.5
 # (N, D, C): CPU shapes finish in seconds; the GPU also runs a million identities.
-SHAPES = {"cpu": [(512, 512, 10_000), (512, 512, 100_000)], "cuda": [(512, 512, 100_000), (512, 512, 1_000_000)]}
+SHAPES = {"cpu": [(120, 128, 29), (512, 512, 1_000), (512, 512, 100_000)], "cuda": [(512, 512, 100_000), (512, 512, 1_000_000)]}
 PARAMS = [(device, *shape) for device in DEVICES for shape in SHAPES[device]]
 
 
@@ -44,6 +45,18 @@ def distance_matrix_step(x, labels, centers):
     centers.copy_(reference.center_loss_update(centers, x, labels, ALPHA))
 
 
+def sparse_eager_step(x, labels, centers):
+    """The strongest eager anchor: the loss on the gathered centers, then Wen et al.'s
+    update on the batch's classes only, in place."""
+    loss = 0.5 * (x - centers[labels]).square().sum() / x.shape[0]
+    loss.backward()
+    with torch.no_grad():
+        classes, inverse, counts = labels.unique(return_inverse=True, return_counts=True)
+        delta = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device)
+        delta.index_add_(0, inverse, centers[labels] - x)
+        centers.index_add_(0, classes, delta * (-ALPHA / (1.0 + counts.to(x.dtype))).unsqueeze(1))
+
+
 def facekernels_step(x, labels, centers):
     facekernels.center_loss(x, labels, centers, alpha=ALPHA, update_centers=True).backward()
 
@@ -52,6 +65,8 @@ COMPILED_LOSS = torch.compile(reference.center_loss)
 COMPILED_UPDATE = torch.compile(reference.center_loss_update)
 IMPLS = {
     "facekernels": facekernels_step,
+    "sparse_eager": sparse_eager_step,
+    "sparse_eager_compiled": torch.compile(sparse_eager_step),
     "reference": reference_step,
     "reference_compiled": reference_compiled_step,
     "distance_matrix": distance_matrix_step,

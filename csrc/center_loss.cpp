@@ -52,10 +52,12 @@ CenterForward center_forward_setup(const at::Tensor& embeddings, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_forward_finish(const CenterForward& f) {
   // A NaN or inf row would make its class's center non-finite for good: refuse the update
-  // (the caller writes the centers only after this returns). One sync on a GPU.
-  TORCH_CHECK_VALUE(f.updated.numel() == 0 || at::isfinite(f.updated).all().item<bool>(),
+  // (the caller writes the centers only after this returns). A group's sum of squares is
+  // finite iff all its differences are (and below 1.8e19 in fp32), and then so is its moved
+  // center: N numbers to read, not N x D. One sync on a GPU.
+  TORCH_CHECK_VALUE(f.updated.numel() == 0 || at::isfinite(f.partials).all().item<bool>(),
                     "center_loss: embeddings (or the centers of their classes) hold non-finite "
-                    "values; the centers were left unchanged");
+                    "values, or differences too large to square; the centers were left unchanged");
   const double n = static_cast<double>(f.embeddings.size(0));
   at::Tensor loss = f.partials.sum().mul_(0.5 / n).to(f.embeddings.scalar_type());
   return {loss, f.diff, f.updated};

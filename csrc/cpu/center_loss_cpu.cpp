@@ -3,6 +3,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "center_loss.h"
 
 namespace facekernels {
@@ -10,6 +13,26 @@ namespace {
 
 // Each task owns whole label groups, so no two threads touch the same row.
 constexpr int64_t kGrain = 16;
+
+// One member row of a group, contiguous in d so that the compiler vectorizes it (the CUDA
+// kernel walks columns, center_forward_column, for coalesced reads; the values are the
+// same, the loss's sum of squares is added in another order): diff = x - c, returns the
+// row's sum of squares and adds diff to the class's running sums.
+template <typename scalar_t, typename acc_t, bool kSums>
+acc_t forward_row(const scalar_t* x, const scalar_t* center, int64_t dim, scalar_t* diff,
+                  acc_t* sums) {
+  acc_t squares = 0;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t d = 0; d < dim; ++d) {
+    const acc_t v = static_cast<acc_t>(x[d]) - static_cast<acc_t>(center[d]);
+    diff[d] = static_cast<scalar_t>(v);
+    squares += v * v;
+    if constexpr (kSums) {
+      sums[d] += v;
+    }
+  }
+  return squares;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_loss_forward_cpu(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& centers,
@@ -27,6 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_loss_forward_cpu(
         scalar_t* updated = compute_update ? f.updated.mutable_data_ptr<scalar_t>() : nullptr;
         acc_t* partials = f.partials.mutable_data_ptr<acc_t>();
         at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> sums(compute_update ? dim : 0);
           for (int64_t k = begin; k < end; ++k) {
             if (!is_group_start(sorted, k)) {
               continue;
@@ -34,12 +58,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_loss_forward_cpu(
             const int64_t count = group_end(sorted, k, n) - k;
             const scalar_t* center = c + sorted[k] * dim;
             acc_t squares = 0;
-            for (int64_t d = 0; d < dim; ++d) {
-              squares += center_forward_column<scalar_t, acc_t>(
-                  x + d, members + k, count, dim, center[d], static_cast<acc_t>(alpha),
-                  diff + d, updated == nullptr ? nullptr : updated + d);
+            std::fill(sums.begin(), sums.end(), acc_t(0));
+            for (int64_t m = 0; m < count; ++m) {
+              const int64_t row = members[k + m] * dim;
+              squares += compute_update
+                             ? forward_row<scalar_t, acc_t, true>(x + row, center, dim, diff + row, sums.data())
+                             : forward_row<scalar_t, acc_t, false>(x + row, center, dim, diff + row, nullptr);
             }
             partials[k] = squares;
+            if (updated == nullptr) {
+              continue;
+            }
+            // Wen et al.'s moved center, written to every member's row; the expression of
+            // center_forward_column, so that the centers move bitwise as on the GPU.
+            scalar_t* first = updated + members[k] * dim;
+            const acc_t a = static_cast<acc_t>(alpha), denominator = static_cast<acc_t>(count + 1);
+            for (int64_t d = 0; d < dim; ++d) {
+              first[d] = static_cast<scalar_t>(static_cast<acc_t>(center[d]) + a * sums[d] / denominator);
+            }
+            for (int64_t m = 1; m < count; ++m) {
+              std::copy(first, first + dim, updated + members[k + m] * dim);
+            }
           }
         });
       });
@@ -52,6 +91,9 @@ std::tuple<at::Tensor, at::Tensor> center_loss_backward_cpu(const at::Tensor& gr
                                                             int64_t num_classes,
                                                             bool centers_grad) {
   CenterBackward b = center_backward_setup(grad_loss, diff, labels, num_classes, centers_grad);
+  if (!centers_grad) {  // no per-class sums: one vectorized pass
+    return {b.diff.mul(b.scale).to(b.diff.scalar_type()), b.grad_centers};  // in the acc type
+  }
   const int64_t n = b.diff.size(0), dim = b.diff.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, b.diff.scalar_type(), "center_loss_backward_cpu", [&] {

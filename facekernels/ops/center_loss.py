@@ -48,9 +48,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(diff, labels)
     ctx.num_classes = centers.shape[0]
     ctx.mark_non_differentiable(diff, updated)
+    ctx.set_materialize_grads(False)  # no [N, D] zeros for the outputs nobody differentiates
 
 
 def _backward(ctx, grad_loss, grad_diff, grad_updated):
+    if grad_loss is None:  # only the loss is differentiable (grads are not materialized)
+        return None, None, None, None, None
     diff, labels = ctx.saved_tensors
     centers_grad = ctx.needs_input_grad[2]
     grad_embeddings, grad_centers = torch.ops.facekernels.center_loss_backward(
