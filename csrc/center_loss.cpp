@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_forward_finish(const Cente
 
 CenterBackward center_backward_setup(const at::Tensor& grad_loss, const at::Tensor& diff,
                                      const at::Tensor& labels, int64_t num_classes,
-                                     bool centers_grad) {
+                                     bool centers_grad, bool group) {
   constexpr const char* op = "center_loss_backward";
   check_defined_floating(op, "diff", diff);
   check_dim(op, "diff", diff, 2);
@@ -80,7 +80,9 @@ CenterBackward center_backward_setup(const at::Tensor& grad_loss, const at::Tens
 
   CenterBackward b;
   b.diff = diff.contiguous();
-  group_by_label(labels, b.sorted_labels, b.members);
+  if (group) {
+    group_by_label(labels, b.sorted_labels, b.members);
+  }
   b.scale = grad_loss.reshape({1})
                 .to(accumulate_type(diff.scalar_type()))
                 .div(static_cast<double>(diff.size(0)));

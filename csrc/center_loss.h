@@ -97,8 +97,9 @@ struct CenterBackward {
   at::Tensor grad_centers;            // [C, D] zeros, or [0, D] when not wanted
 };
 
+// group: sort the labels into groups (a kernel that sums per class needs them).
 CenterBackward center_backward_setup(const at::Tensor& grad_loss, const at::Tensor& diff,
                                      const at::Tensor& labels, int64_t num_classes,
-                                     bool centers_grad);
+                                     bool centers_grad, bool group = true);
 
 }  // namespace facekernels

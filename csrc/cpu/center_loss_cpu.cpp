@@ -90,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor> center_loss_backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& labels,
                                                             int64_t num_classes,
                                                             bool centers_grad) {
-  CenterBackward b = center_backward_setup(grad_loss, diff, labels, num_classes, centers_grad);
+  CenterBackward b =
+      center_backward_setup(grad_loss, diff, labels, num_classes, centers_grad, centers_grad);
   if (!centers_grad) {  // no per-class sums: one vectorized pass
     return {b.diff.mul(b.scale).to(b.diff.scalar_type()), b.grad_centers};  // in the acc type
   }

@@ -114,5 +114,5 @@ def center_loss(embeddings, labels, centers, *, alpha=0.5, update_centers=False)
     if update_centers:
         # Rows of one class carry identical values, so the order of these writes is moot.
         with torch.no_grad():
-            centers.index_put_((labels,), updated)
+            centers.index_copy_(0, labels, updated)
     return loss
