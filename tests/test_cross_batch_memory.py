@@ -55,13 +55,16 @@ def test_equals_pml_over_wrapping_batches(loss, miner, mask):
         assert torch.equal(ours.label_memory, theirs.label_memory)
 
 
-def test_fused_path_equals_the_pair_path():
-    """Our fused memory loss (ref_starts_with_batch) against the same loss on PML's explicit
-    pairs, for a distance and reducer PML's test does not draw."""
-    fused = facekernels.CrossBatchMemory(LOSSES["triplet_squared"][0](), D, memory_size=MEMORY)
-    explicit = facekernels.CrossBatchMemory(LOSSES["triplet_squared"][0](), D, memory_size=MEMORY)
+@pytest.mark.parametrize("name", ["triplet", "triplet_squared", "contrastive"])
+def test_fused_path_equals_the_pair_path(device, name):
+    """Our fused memory loss (ref_starts_with_batch: the triplet kernels with more columns
+    than rows, emulated CUDA included) against the same loss on PML's explicit pairs."""
+    fused = facekernels.CrossBatchMemory(LOSSES[name][0](), D, memory_size=MEMORY)
+    explicit = facekernels.CrossBatchMemory(LOSSES[name][0](), D, memory_size=MEMORY)
     for x, y in batches(8, 16, seed=2):
-        want = explicit(x, y, indices_tuple=(torch.zeros(0, dtype=torch.long),) * 3)  # forces the pairs
+        x, y = x.to(device), y.to(device)
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        want = explicit(x, y, indices_tuple=(empty,) * 3)  # forces the pairs
         torch.testing.assert_close(fused(x, y), want, rtol=1e-10, atol=1e-12)
 
 
