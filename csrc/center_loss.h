@@ -27,6 +27,12 @@ C10_HOST_DEVICE inline int64_t group_end(const int64_t* sorted_labels, int64_t k
   return end;
 }
 
+// Wen et al.'s moved center: c + alpha * sum_i (x_i - c) / (1 + count), given that sum.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t moved_center(acc_t center, acc_t alpha, acc_t sum, int64_t count) {
+  return center + alpha * sum / static_cast<acc_t>(count + 1);
+}
+
 // One embedding dimension of one class with `count` members (row indices in `members`).
 // `x`, `diff` and `updated` point at that dimension's column (row stride `stride`).
 // Writes diff_i = x_i - c for each member and, when `updated` is non-null, Wen's update
@@ -48,7 +54,7 @@ C10_HOST_DEVICE inline acc_t center_forward_column(const scalar_t* x, const int6
     squares += v * v;
   }
   if (updated != nullptr) {
-    const scalar_t moved = static_cast<scalar_t>(c + alpha * sum / static_cast<acc_t>(count + 1));
+    const scalar_t moved = static_cast<scalar_t>(moved_center(c, alpha, sum, count));
     for (int64_t m = 0; m < count; ++m) {
       updated[members[m] * stride] = moved;
     }

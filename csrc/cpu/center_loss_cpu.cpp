@@ -69,12 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_loss_forward_cpu(
             if (updated == nullptr) {
               continue;
             }
-            // Wen et al.'s moved center, written to every member's row; the expression of
-            // center_forward_column, so that the centers move bitwise as on the GPU.
+            // The moved center, written to every member's row (as center_forward_column).
             scalar_t* first = updated + members[k] * dim;
-            const acc_t a = static_cast<acc_t>(alpha), denominator = static_cast<acc_t>(count + 1);
             for (int64_t d = 0; d < dim; ++d) {
-              first[d] = static_cast<scalar_t>(static_cast<acc_t>(center[d]) + a * sums[d] / denominator);
+              first[d] = static_cast<scalar_t>(
+                  moved_center(static_cast<acc_t>(center[d]), static_cast<acc_t>(alpha), sums[d], count));
             }
             for (int64_t m = 1; m < count; ++m) {
               std::copy(first, first + dim, updated + members[k + m] * dim);
