@@ -17,9 +17,6 @@ Each configuration runs with four stacks:
 PML compares with torch.allclose(rtol=1e-2); here fp64 must also agree to 1e-9.
 """
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -200,13 +197,9 @@ def test_pml_distributed_configurations(stack, tmp_path):
     assert not failures, "\n".join(failures)
 
 
-def test_single_process_group():
+def test_single_process_group(tmp_path):
     """PML's test_single_proc: at world size 1 the wrappers are the wrapped loss and miner."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
     try:
         loss, miner = facekernels.ContrastiveLoss(), PairMarginMiner()
         emb, labels = torch.randn(32, 128), torch.randint(0, 3, (32,))

@@ -141,16 +141,14 @@ def _gather(owner, group, embeddings, labels, ref_emb, ref_labels, enqueue_mask=
             raise ValueError(f"{owner}: the ranks' {what} differ: {values} on ranks 0..{len(values) - 1}")
     sizes, ref_sizes = table[:, 1].tolist(), table[:, 8].tolist()
 
-    def rows(tensor, sizes, device):
-        return None if tensor is None else _all_gather_rows(tensor.to(device), sizes, group)
+    def rows(tensor, sizes, dtype=None):  # on the embeddings' device; None stays None
+        return None if tensor is None else \
+            _all_gather_rows(tensor.to(device=embeddings.device, dtype=dtype), sizes, group)
 
-    def int_rows(tensor, sizes, device):
-        return None if tensor is None else rows(tensor.to(device, torch.int64), sizes, device)
-
-    device = embeddings.device
-    return (rows(embeddings, sizes, device), int_rows(labels, sizes, device),
-            rows(ref_emb, ref_sizes, device), int_rows(ref_labels, ref_sizes, device),
-            None if enqueue_mask is None else int_rows(enqueue_mask, sizes, device).bool())
+    mask = rows(enqueue_mask, sizes, torch.int64)  # gathered as integers, as the labels
+    return (rows(embeddings, sizes), rows(labels, sizes, torch.int64),
+            rows(ref_emb, ref_sizes), rows(ref_labels, ref_sizes, torch.int64),
+            None if mask is None else mask.bool())
 
 
 def _all_pairs(labels, ref_labels):

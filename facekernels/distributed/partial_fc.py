@@ -148,6 +148,7 @@ class PartialFC(nn.Module):
         self.num_local, self.class_start = shard_range(num_classes, self.world_size, self.rank)
         self.num_sample = int(self.sample_rate * self.num_local)
         self.last_batch_size = 0
+        self._warned = False  # of the dense path, once
         self.is_updated = self.init_weight_update = True  # insightface's flags, unused by V2
         self.dist_cross_entropy = DistCrossEntropy(process_group)
         self.margin_softmax = margin_loss
@@ -157,8 +158,7 @@ class PartialFC(nn.Module):
 
     def __setattr__(self, name, value):
         if name == "margin_softmax":
-            fused = margins.fused(value)
-            self.__dict__["_fused"] = fused
+            self.__dict__["_fused"] = margins.fused(value)
             if isinstance(value, _MarginSoftmaxHead):
                 # Only its options are read: its own [C, D] weight must stay out of this
                 # module's parameters and state dict. Its running buffers become ours.
@@ -301,7 +301,7 @@ class PartialFC(nn.Module):
     def _dense_loss(self, margin_loss, embeddings, weight, rows, labels):
         """insightface's forward for a margin_loss that is not fused: the clamped cosine
         logits [global_batch, sampled classes], the callable, the distributed cross entropy."""
-        if not self.__dict__.get("_warned"):
+        if not self._warned:
             warnings.warn(f"PartialFC: margin_loss {type(margin_loss).__name__} is not fused: it runs "
                           "on dense [global_batch, classes] logits, as in insightface")
             self._warned = True

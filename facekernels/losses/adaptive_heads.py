@@ -36,15 +36,18 @@ def _norms(embeddings):
         accumulate_dtype(embeddings.dtype))
 
 
+def _unit_rows(t):
+    """Rows scaled to unit norm in the accumulate type, as F.normalize (norm floored at
+    1e-12) but with _norms' fp64 sum, so that a finite fp32 row is never zeroed."""
+    return _accumulate(t) / _norms(t).clamp_min(1e-12)[:, None]
+
+
 @torch.no_grad()
 def target_cosines(embeddings, weight, labels):
     """cos(x_i, w_{y_i}) [N] in fp32 (fp64 for fp64), clamped to [-1, 1], no gradient.
     Labels out of range are clamped here: the op that follows rejects them by name."""
     rows = labels.clamp(0, weight.shape[0] - 1)
-    x, w = embeddings, weight.index_select(0, rows)
-    x = _accumulate(x) / _norms(x).clamp_min(1e-12)[:, None]
-    w = _accumulate(w) / _norms(w).clamp_min(1e-12)[:, None]
-    return (x * w).sum(1).clamp(-1.0, 1.0)
+    return (_unit_rows(embeddings) * _unit_rows(weight.index_select(0, rows))).sum(1).clamp(-1.0, 1.0)
 
 
 def _finite_mean_std(values):
@@ -110,14 +113,14 @@ class CurricularFaceLoss(_AdaptiveHead):
     mean over finite rows, so a NaN embedding makes only its own loss NaN). In eval mode t
     is used as is (the official head updates it on every call)."""
 
+    running = ("t",)
+
     def __init__(self, num_classes, embedding_size, margin=0.5, scale=64.0, reduction="mean",
                  chunk_size=None):
         margin = check_number("CurricularFaceLoss", "margin", margin)
         super().__init__(num_classes, embedding_size, scale, reduction, chunk_size)
         self.margin = margin
         self.register_buffer("t", torch.zeros(1))
-
-    running = ("t",)
 
     def margins(self):
         return 1.0, self.margin, 0.0, 0.0
@@ -147,6 +150,7 @@ class AdaFaceLoss(_AdaptiveHead):
     t_alpha = 0.01 is the official training default (the official class defaults to 1)."""
 
     kind = ADAFACE
+    running = ("batch_mean", "batch_std")
 
     def __init__(self, num_classes, embedding_size, margin=0.4, h=0.333, scale=64.0,
                  t_alpha=0.01, reduction="mean", chunk_size=None):
@@ -158,8 +162,6 @@ class AdaFaceLoss(_AdaptiveHead):
         self.margin, self.h, self.t_alpha = margin, h, t_alpha
         self.register_buffer("batch_mean", torch.full((1,), 20.0))
         self.register_buffer("batch_std", torch.full((1,), 100.0))
-
-    running = ("batch_mean", "batch_std")
 
     def margins(self):
         return 1.0, 0.0, self.margin, 0.0  # shown by repr; the op takes per-row margins
@@ -283,6 +285,8 @@ class ElasticFaceLoss(_AdaptiveHead):
     the margins move to the embeddings' device); torch.compile cannot trace one, so a
     compiled module should leave it None (the global RNG)."""
 
+    random_margins = True
+
     def __init__(self, num_classes, embedding_size, margin=None, std=0.0125, scale=64.0,
                  kind="arc", plus=False, generator=None, reduction="mean", chunk_size=None):
         owner = "ElasticFaceLoss"
@@ -294,8 +298,6 @@ class ElasticFaceLoss(_AdaptiveHead):
         super().__init__(num_classes, embedding_size, scale, reduction, chunk_size)
         self.margin, self.std, self.elastic_kind, self.plus = margin, std, kind, bool(plus)
         self.generator = generator
-
-    random_margins = True
 
     def margins(self):
         return (1.0, self.margin, 0.0, 0.0) if self.elastic_kind == "arc" else (1.0, 0.0, self.margin, 0.0)

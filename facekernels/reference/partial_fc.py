@@ -112,7 +112,6 @@ def partial_fc_v2_loss(
     return DistributedCrossEntropy.apply(logits, labels, group)
 
 
-
 class _Rows(torch.autograd.Function):
     """Every rank's rows (counts may differ), concatenated; backward: this rank's rows of
     the gradient, times `factor` (every rank computes the same loss from the result)."""

@@ -129,7 +129,7 @@ def parse_args(argv):
     p.add_argument("--amp", choices=("none", "bf16"), default="none")
     p.add_argument("--distributed", action="store_true",
                    help="under torchrun: the backbone in DDP, a class-sharded PartialFC head "
-                        "(arcface, cosface), each rank a share of every batch; rank 0 reports")
+                        f"({', '.join(DISTRIBUTED)}), each rank a share of every batch; rank 0 reports")
     p.add_argument("--no-scale-benchmark", dest="scale_benchmark", action="store_false",
                    help="skip the closing measurement of the loss alone at a face model's class count "
                         f"(with --loss {', '.join(SCALE_LOSSES)}; a few seconds)")

@@ -119,7 +119,8 @@ class Objective(nn.Module):
             raise ValueError(f"--impl must be one of {IMPLS}, got {impl!r}")
         tensors = self.tensors()
         if self.loss in ADAPTIVE:
-            loss, state = self._adaptive_reference(embeddings, labels, tensors["weight"], advance=self.training)
+            loss, state = self._adaptive_reference(*self._whole_job(embeddings, labels, tensors["weight"]),
+                                                   advance=self.training)
             if self.training:
                 with torch.no_grad():
                     for name, value in state.items():
@@ -172,9 +173,7 @@ class Objective(nn.Module):
             m1, m2, m3, _ = head.margins()
             return reference.partial_fc_v2_loss(e, y, w, self.head.class_start, s=head.scale, m1=m1,
                                                 m2=m2, m3=m3)
-        if self.distributed and self.loss not in ADAPTIVE:  # the head's reference on the whole job
-            e, y, w = reference.global_view(e, y, w, num_classes=self.head.num_classes,
-                                            sub_centers=self.head.sub_centers)
+        e, y, w = self._whole_job(e, y, w)
         if self.loss in ("softmax", "ring", "center"):
             loss = reference.softmax_cross_entropy(e, w, y)
             if self.loss == "ring":
@@ -200,14 +199,19 @@ class Objective(nn.Module):
         return reference.joint_identification_verification_loss(
             e, w, y, margin=head.margin, verification_weight=head.verification_weight)
 
+    def _whole_job(self, e, y, w):
+        """Under --distributed, the whole job's batch, labels and weight on every rank (the
+        head's reference on them has PartialFC's gradients); else the arguments."""
+        if not self.distributed:
+            return e, y, w
+        return reference.global_view(e, y, w, num_classes=self.head.num_classes,
+                                     sub_centers=self.head.sub_centers)
+
     def _adaptive_reference(self, e, y, w, advance):
-        """(loss, the running state after this step) of an adaptive head's reference, from
-        the head's state before it. ElasticFace draws the margins the head would draw next,
+        """(loss, the running state after this step) of an adaptive head's reference on
+        (e, y, w) (the whole job's, see _whole_job), from the head's state before it. ElasticFace draws the margins the head would draw next,
         from its generator (advanced only with `advance`)."""
         head = self.margin_head
-        if self.distributed:
-            e, y, w = reference.global_view(e, y, w, num_classes=self.head.num_classes,
-                                            sub_centers=self.head.sub_centers)
         if self.loss == "curricularface":
             loss, t = reference.curricularface_loss(e, w, y, self.head.t, margin=head.margin, scale=head.scale)
             return loss, {"t": t}
