@@ -64,17 +64,34 @@ MarginOptions with_row_inputs(MarginOptions options, const at::Tensor& embedding
   return options;
 }
 
-// Rows scaled to unit norm as F.normalize does (norm floored at 1e-12), computed in the
-// accumulate type. Returns (normalized rows in `dtype`, 1 / floored norms, norms).
+// Row norms and 1 / norms floored at 1e-12 as F.normalize, both [R, 1] in the accumulate
+// type of `dtype`. The sum of squares of an fp32 row overflows from a norm of 1.8e19 on
+// (which would make the row zero) and loses its small elements below 1e-19: on the GPU the
+// norms are summed in double; on the CPU, where that means a converted copy of the rows,
+// in the accumulate type when every norm lies in [2^-50, 2^50], in double otherwise.
+std::tuple<at::Tensor, at::Tensor> row_norms(const at::Tensor& rows, at::ScalarType dtype) {
+  const at::ScalarType acc = at::toOpMathType(dtype);
+  at::Tensor norms;
+  if (rows.is_cpu() && acc == rows.scalar_type()) {
+    norms = at::linalg_vector_norm(rows, 2, {1}, /*keepdim=*/true);
+    const bool safe = (norms >= std::ldexp(1.0, -50)).logical_and_(norms <= std::ldexp(1.0, 50))
+                          .all().item<bool>();
+    if (!safe) {
+      norms = at::Tensor();
+    }
+  }
+  if (!norms.defined()) {
+    norms = at::linalg_vector_norm(rows, 2, {1}, /*keepdim=*/true, at::kDouble).to(acc);
+  }
+  return {norms, norms.clamp_min(kNormFloor).reciprocal()};
+}
+
+// Rows scaled to unit norm as F.normalize does. Returns (normalized rows in `dtype`,
+// 1 / floored norms, norms).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_rows(const at::Tensor& rows,
                                                               at::ScalarType dtype) {
-  const at::Tensor wide = rows.to(at::toOpMathType(dtype));
-  // The sum of squares of an fp32 row overflows from a norm of 1.8e19 on, which would make
-  // the row zero: norms are summed in double (a pass over the rows, next to a GEMM's D).
-  const at::Tensor norms =
-      at::linalg_vector_norm(wide, 2, {1}, /*keepdim=*/true, at::kDouble).to(wide.scalar_type());
-  const at::Tensor inverse = norms.clamp_min(kNormFloor).reciprocal();
-  return {(wide * inverse).to(dtype), inverse, norms};
+  auto [norms, inverse] = row_norms(rows, dtype);
+  return {(rows.to(norms.scalar_type()) * inverse).to(dtype), inverse, norms};
 }
 
 // Backward of F.normalize for rows with unit directions `unit`, given dL/d unit:
@@ -83,6 +100,14 @@ at::Tensor normalize_backward(const at::Tensor& grad_unit, const at::Tensor& uni
                               const at::Tensor& inverse, const at::Tensor& norms) {
   const at::Tensor along = (grad_unit * unit).sum(1, /*keepdim=*/true);
   return (grad_unit - along.masked_fill(norms < kNormFloor, 0) * unit) * inverse;
+}
+
+// The same for raw rows w, in place on h = dL/d unit / |w|, which the backward GEMM gives
+// from the epilogue's inverse-scaled dL/dz: h - <h, w> w / |w|^2 (h alone below the floor).
+void normalize_backward_raw_(at::Tensor& h, const at::Tensor& rows, const at::Tensor& inverse,
+                             const at::Tensor& norms) {
+  const at::Tensor along = (h * rows).sum(1, /*keepdim=*/true) * inverse * inverse;
+  h.addcmul_(along.masked_fill_(norms < kNormFloor, 0), rows, -1);
 }
 
 // Per-row logit scale: s, or s * |x_i| when the embeddings are not normalized.
@@ -102,7 +127,8 @@ Rows prepare_rows(const at::Tensor& embeddings, const MarginOptions& options) {
   return {unit, inverse, norms, row_scales(norms, options)};
 }
 
-// The weight rows of one chunk, ready for the GEMM in the embeddings' dtype.
+// The weight rows of one chunk, raw, in the embeddings' dtype for the GEMM; their norms
+// and inverse norms ([len * K], accumulate type) when the weight is normalized.
 struct WeightChunk {
   at::Tensor rows, inverse, norms;
 };
@@ -160,9 +186,25 @@ WeightChunk weight_chunk(const Classes& classes, int64_t start, int64_t length,
   if (!options.normalize_weight) {
     return {raw.to(dtype), at::Tensor(), at::Tensor()};
   }
-  auto [rows, inverse, norms] = normalize_rows(raw, dtype);
-  return {rows, inverse, norms};
+  auto [norms, inverse] = row_norms(raw, dtype);
+  return {raw.to(dtype), inverse.view(-1), norms.view(-1)};
 }
+
+// z = unit @ rows^T for one chunk, [N, rows], in one buffer that every chunk reuses: a
+// fresh N x chunk tensor per chunk costs its page faults again on a CPU.
+class ChunkGemm {
+ public:
+  ChunkGemm(const at::Tensor& unit, int64_t max_rows)
+      : buffer_(at::empty({unit.size(0) * max_rows}, unit.options())) {}
+
+  at::Tensor operator()(const at::Tensor& unit, const at::Tensor& rows) {
+    at::Tensor z = buffer_.narrow(0, 0, unit.size(0) * rows.size(0)).view({unit.size(0), rows.size(0)});
+    return at::mm_out(z, unit, rows.t());
+  }
+
+ private:
+  at::Tensor buffer_;
+};
 
 }  // namespace
 
@@ -190,11 +232,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
                  at::full({n}, -std::numeric_limits<double>::infinity(), acc),
                  at::full({n}, -1, labels.options())};
   const at::Tensor labels_c = labels.contiguous();
+  ChunkGemm gemm(unit_rows.unit, std::min(options.chunk_size, num_classes) * options.sub_centers);
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
-    const at::Tensor z = at::matmul(unit_rows.unit, chunk.rows.t()).contiguous();
-    epilogue(z, start, labels_c, unit_rows.scales, options, state);
+    const at::Tensor z = gemm(unit_rows.unit, chunk.rows);
+    epilogue(z, chunk.inverse, start, labels_c, unit_rows.scales, options, state);
   }
   return {state.row_max, state.row_sum.log(), state.target_logit, state.best_cosine,
           state.predicted};
@@ -242,24 +285,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
       !weight_grad ? weight.new_empty({0, weight.size(1)})
       : rows       ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
                    : at::empty_like(weight, at::MemoryFormat::Contiguous);
+  // The weight's gradient goes straight from the GEMM into its rows where the dtypes allow.
+  const bool direct = weight_grad && !classes.weight_rows && grad_weight.scalar_type() == dtype &&
+                      dtype == acc.dtype().toScalarType();
+  ChunkGemm gemm(unit_rows.unit, std::min(options.chunk_size, num_classes) * options.sub_centers);
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
+    const int64_t first = start * options.sub_centers, count = length * options.sub_centers;
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
-    at::Tensor dz = at::matmul(unit_rows.unit, chunk.rows.t()).contiguous();
-    epilogue(dz, start, labels_c, unit_rows.scales, options, grads);
+    at::Tensor dz = gemm(unit_rows.unit, chunk.rows);
+    epilogue(dz, chunk.inverse, start, labels_c, unit_rows.scales, options, grads);
     if (embeddings_grad) {
-      grad_unit.add_(at::matmul(dz, chunk.rows));
+      if (dtype == acc.dtype().toScalarType()) {
+        grad_unit.addmm_(dz, chunk.rows);
+      } else {
+        grad_unit.add_(at::matmul(dz, chunk.rows));
+      }
     }
     if (weight_grad) {
-      const at::Tensor grad_rows = at::matmul(dz.t(), unit_rows.unit).to(acc.dtype());
-      const at::Tensor grad = options.normalize_weight
-                                  ? normalize_backward(grad_rows, chunk.rows.to(acc.dtype()),
-                                                       chunk.inverse, chunk.norms)
-                                  : grad_rows;
+      at::Tensor grad = direct ? grad_weight.narrow(0, first, count) : at::Tensor();
+      if (direct) {
+        at::mm_out(grad, dz.t(), unit_rows.unit);
+      } else {
+        grad = at::matmul(dz.t(), unit_rows.unit).to(acc.dtype());
+      }
+      if (options.normalize_weight) {
+        normalize_backward_raw_(grad, chunk.rows.to(acc.dtype()), chunk.inverse.unsqueeze(1),
+                                chunk.norms.unsqueeze(1));
+      }
       if (classes.weight_rows) {
         grad_weight.index_copy_(0, classes.rows_of(start, length), grad.to(grad_weight.scalar_type()));
-      } else {
-        grad_weight.narrow(0, start * options.sub_centers, length * options.sub_centers).copy_(grad);
+      } else if (!direct) {
+        grad_weight.narrow(0, first, count).copy_(grad);
       }
     }
   }

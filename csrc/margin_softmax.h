@@ -1,9 +1,10 @@
 // Margin-softmax cross entropy (SphereFace / CosFace / ArcFace / the combined margin),
 // chunked over classes so the N x C logits never exist.
 //
-// Per class chunk c0..c0+len: Z = xn @ wn^T (a GEMM), then an epilogue kernel per device
-// that turns each z into a logit and folds it into the row's online log-sum-exp (forward),
-// or into dL/dz (backward). The element math below is shared by both devices.
+// Per class chunk c0..c0+len: Z = xn @ W^T (a GEMM on the raw weight rows), then an
+// epilogue kernel per device that scales each z by its weight row's inverse norm into a
+// cosine, turns it into a logit and folds it into the row's log-sum-exp (forward), or into
+// dL/dz (backward). The element math below is shared by both devices.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,6 +42,12 @@ struct TargetValue {
   acc_t dm2, dm3;        // d value / d m2, d value / d m3
 };
 
+// A non-target's logit function of the cosine: value and d value / d cos.
+template <typename acc_t>
+struct NegativeValue {
+  acc_t value, slope;
+};
+
 template <typename acc_t>
 struct Margin {
   acc_t m1, m2, m3, lambda;
@@ -68,7 +75,16 @@ struct Margin {
     return row;
   }
 
-  C10_HOST_DEVICE bool filtered(acc_t c) const { return filter > acc_t(0) && c > filter; }
+  // The element functions below are written as selects, without branches or short
+  // circuits, so that the CPU's vector loops if-convert them whatever the options.
+  C10_HOST_DEVICE bool filtered(acc_t c) const { return (filter > acc_t(0)) & (c > filter); }
+
+  // Sub-center k's z times its inverse weight norm: its cosine before the clamp.
+  template <typename scalar_t>
+  C10_HOST_DEVICE static acc_t unclamped(const scalar_t* z, const acc_t* inverse, int64_t k) {
+    const acc_t u = static_cast<acc_t>(z[k]);
+    return inverse != nullptr ? u * inverse[k] : u;
+  }
 
   C10_HOST_DEVICE acc_t cosine(acc_t z) const {
     return clamp ? (z < -limit ? -limit : (z > limit ? limit : z)) : z;
@@ -76,17 +92,19 @@ struct Margin {
 
   // d cosine / d z: zero where the clamp is active, at the bounds too.
   C10_HOST_DEVICE acc_t cosine_slope(acc_t z) const {
-    return (!clamp || (z > -limit && z < limit)) ? acc_t(1) : acc_t(0);
+    return (!clamp | ((z > -limit) & (z < limit))) ? acc_t(1) : acc_t(0);
   }
 
-  // Class j's cosine from the z of its K sub-centers: their max (a NaN wins, so that it
-  // propagates); `winner` is the sub-center that gave it.
+  // Class j's cosine from the z of its K sub-centers and their weight rows' inverse norms
+  // (null: the weight is not normalized): the max (a NaN wins, so that it propagates);
+  // `winner` is the sub-center that gave it.
   template <typename scalar_t>
-  C10_HOST_DEVICE acc_t class_cosine(const scalar_t* z, int64_t& winner) const {
-    acc_t best = cosine(static_cast<acc_t>(z[0]));
+  C10_HOST_DEVICE acc_t class_cosine(const scalar_t* z, const acc_t* inverse,
+                                     int64_t& winner) const {
+    acc_t best = cosine(unclamped(z, inverse, 0));
     winner = 0;
     for (int64_t k = 1; k < sub_centers && best == best; ++k) {
-      const acc_t c = cosine(static_cast<acc_t>(z[k]));
+      const acc_t c = cosine(unclamped(z, inverse, k));
       if (c > best || c != c) {
         best = c;
         winner = k;
@@ -133,29 +151,18 @@ struct Margin {
     return finish({std::cos(m1 * theta + m2) - m3, m1 * sin_angle * inv_sin, -sin_angle, acc_t(-1)});
   }
 
-  // A non-target's logit function of the cosine: value and d value / d cos.
-  C10_HOST_DEVICE void negative(acc_t c, acc_t& value, acc_t& slope) const {
-    if (filtered(c)) {
-      value = acc_t(0);
-      slope = acc_t(0);
-    } else if (c > hard) {
-      value = c * (hard_t + c);
-      slope = hard_t + acc_t(2) * c;
-    } else {
-      value = c;
-      slope = acc_t(1);
-    }
+  // A non-target's logit function of the cosine (returned by value, not through
+  // references, so that the CPU's vector loops keep it in registers).
+  C10_HOST_DEVICE NegativeValue<acc_t> negative(acc_t c) const {
+    const bool harder = c > hard, dropped = filtered(c);
+    const acc_t value = harder ? c * (hard_t + c) : c;
+    const acc_t slope = harder ? hard_t + acc_t(2) * c : acc_t(1);
+    return {dropped ? acc_t(0) : value, dropped ? acc_t(0) : slope};
   }
 
   // A logit s * f(cos) from the (class) cosine.
   C10_HOST_DEVICE acc_t logit(acc_t c, bool is_target, acc_t row_scale) const {
-    acc_t value, slope;
-    if (is_target) {
-      value = target(c).value;
-    } else {
-      negative(c, value, slope);
-    }
-    return row_scale * value;
+    return row_scale * (is_target ? target(c).value : negative(c).value);
   }
 
  private:
@@ -176,15 +183,17 @@ struct RowBackward {
 };
 
 // Backward of class j's logit in place over its K sub-centers' z: dL/dz goes to the winning
-// sub-center, 0 to the others. With p = exp(logit - row_max - log_sum),
+// sub-center (times its inverse weight norm, so that the backward GEMMs take the raw weight),
+// 0 to the others. With p = exp(logit - row_max - log_sum),
 // dL/dlogit = g_log_sum p + g_target [target]. Adds dL/dlogit * logit / s (= dL/ds for the
 // row) to `scale_grad`; for the target, writes dL/dm2 and dL/dm3 where asked (non-null).
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline void class_backward(const Margin<acc_t>& margin, scalar_t* z,
-                                           bool is_target, const RowBackward<acc_t>& row,
-                                           acc_t& scale_grad, acc_t* grad_m2, acc_t* grad_m3) {
+                                           const acc_t* inverse, bool is_target,
+                                           const RowBackward<acc_t>& row, acc_t& scale_grad,
+                                           acc_t* grad_m2, acc_t* grad_m3) {
   int64_t winner;
-  const acc_t c = margin.class_cosine(z, winner);
+  const acc_t c = margin.class_cosine(z, inverse, winner);
   acc_t value, slope;
   TargetValue<acc_t> t;
   if (is_target) {
@@ -192,7 +201,9 @@ C10_HOST_DEVICE inline void class_backward(const Margin<acc_t>& margin, scalar_t
     value = t.value;
     slope = t.slope;
   } else {
-    margin.negative(c, value, slope);
+    const NegativeValue<acc_t> v = margin.negative(c);
+    value = v.value;
+    slope = v.slope;
   }
   const acc_t p = std::exp((row.scale * value - row.max) - row.log_sum);
   const acc_t grad_logit = row.grad_log_sum * p + (is_target ? row.grad_target : acc_t(0));
@@ -203,8 +214,9 @@ C10_HOST_DEVICE inline void class_backward(const Margin<acc_t>& margin, scalar_t
   if (is_target && grad_m3 != nullptr) {
     *grad_m3 = grad_logit * row.scale * t.dm3;
   }
-  const acc_t grad_z =
-      grad_logit * row.scale * slope * margin.cosine_slope(static_cast<acc_t>(z[winner]));
+  const acc_t u = Margin<acc_t>::unclamped(z, inverse, winner);
+  const acc_t grad_z = grad_logit * row.scale * slope * margin.cosine_slope(u) *
+                       (inverse != nullptr ? inverse[winner] : acc_t(1));
   for (int64_t k = 0; k < margin.sub_centers; ++k) {
     z[k] = static_cast<scalar_t>(k == winner ? grad_z : acc_t(0));
   }
@@ -285,15 +297,19 @@ struct RowGrads {
   at::Tensor scale, m2, m3;
 };
 
-// Folds the chunk z [N, len * K] (classes class_start..) into the row state.
-using ForwardEpilogue = void (*)(const at::Tensor& z, int64_t class_start,
-                                 const at::Tensor& labels, const at::Tensor& row_scale,
-                                 const MarginOptions& options, RowState& state);
+// Folds the chunk z [N, len * K] (classes class_start..) into the row state. `inverse`
+// [len * K] (accumulate type): the weight rows' inverse norms, undefined when the weight is
+// not normalized.
+using ForwardEpilogue = void (*)(const at::Tensor& z, const at::Tensor& inverse,
+                                 int64_t class_start, const at::Tensor& labels,
+                                 const at::Tensor& row_scale, const MarginOptions& options,
+                                 RowState& state);
 
-// Overwrites z [N, len * K] with dL/dz and fills the outputs of `grads`.
-using BackwardEpilogue = void (*)(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
-                                  const at::Tensor& row_scale, const MarginOptions& options,
-                                  RowGrads& grads);
+// Overwrites z [N, len * K] with dL/dz, the gradient of the raw weight rows' dot products,
+// and fills the outputs of `grads`.
+using BackwardEpilogue = void (*)(at::Tensor& z, const at::Tensor& inverse, int64_t class_start,
+                                  const at::Tensor& labels, const at::Tensor& row_scale,
+                                  const MarginOptions& options, RowGrads& grads);
 
 // The device-neutral chunk loops (margin_softmax.cpp); each device passes its epilogue.
 // Forward returns (row_max, log_sum, target_logit, best_cosine, predicted), each [N]: the

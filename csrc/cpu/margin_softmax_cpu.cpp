@@ -3,21 +3,215 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/vector_math.h"
 #include "margin_softmax.h"
+
+// Each task owns whole rows. Per row of a chunk, the epilogue first gathers u: the classes'
+// cosines before the clamp (z times its weight row's inverse norm; with K sub-centers, the
+// winner's), in the accumulate type. The target class then goes through the scalar
+// C10_HOST_DEVICE math that the GPU runs; every other class through vector loops that
+// evaluate the same Margin expressions lane by lane, with vector_exp for std::exp. The
+// forward takes the row's max over the chunk first and sums the exponentials in a second
+// pass, while the row's logits are in cache, then merges the chunk into the row's state.
 
 namespace facekernels {
 namespace {
 
-// Each task owns whole rows; a row's classes are visited in order, so sums are reproducible.
-void forward_epilogue_cpu(const at::Tensor& z, int64_t class_start, const at::Tensor& labels,
-                          const at::Tensor& row_scale, const MarginOptions& options,
-                          RowState& state) {
+// What one chunk of one row adds to the forward's row state.
+template <typename acc_t>
+struct ChunkRow {
+  acc_t max, sum;           // log-sum-exp state of the chunk's logits
+  acc_t best;               // the largest margin-free cosine, at class best_index (-1: none)
+  int64_t best_index;
+  acc_t target_logit;       // written when the target is in the chunk
+};
+
+// The negatives among classes [begin, end): logits into `logit`, and the running max of
+// the logits and of the cosines (NaNs skipped here; the sum carries them).
+template <typename acc_t>
+FK_INLINE void negative_logits(const Margin<acc_t> margin, acc_t scale,
+                               const acc_t* __restrict__ u, acc_t* __restrict__ logit, int64_t begin, int64_t end, acc_t& max_logit,
+                               acc_t& max_cosine) {
+  acc_t top = max_logit, best = max_cosine;
+#pragma omp simd reduction(max : top, best)
+  for (int64_t j = begin; j < end; ++j) {
+    const acc_t c = margin.cosine(u[j]);
+    logit[j] = scale * margin.negative(c).value;
+    top = logit[j] > top ? logit[j] : top;
+    best = c > best ? c : best;
+  }
+  max_logit = top;
+  max_cosine = best;
+}
+
+template <typename acc_t>
+FK_INLINE void forward_row_impl(const Margin<acc_t> margin, acc_t scale, const acc_t* u,
+                                acc_t* logit, int64_t length, int64_t target,
+                                ChunkRow<acc_t>& out) {
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const bool has_target = target >= 0 && target < length;
+  acc_t max_logit = -inf, max_cosine = -inf;
+  negative_logits(margin, scale, u, logit, 0, has_target ? target : length, max_logit,
+                  max_cosine);
+  if (has_target) {
+    negative_logits(margin, scale, u, logit, target + 1, length, max_logit, max_cosine);
+    const acc_t c = margin.cosine(u[target]);
+    logit[target] = out.target_logit = margin.logit(c, true, scale);
+    max_logit = logit[target] > max_logit ? logit[target] : max_logit;
+    max_cosine = c > max_cosine ? c : max_cosine;
+  }
+
+  // The first class at the max cosine (ArgMax's tie rule), found block by block.
+  constexpr int64_t kBlock = 256;
+  out.best = max_cosine;
+  out.best_index = -1;
+  for (int64_t begin = 0; begin < length && out.best_index < 0; begin += kBlock) {
+    const int64_t end = std::min(length, begin + kBlock);
+    int hits = 0;
+#pragma omp simd reduction(+ : hits)
+    for (int64_t j = begin; j < end; ++j) {
+      hits += margin.cosine(u[j]) == max_cosine ? 1 : 0;
+    }
+    for (int64_t j = begin; hits > 0 && out.best_index < 0; ++j) {
+      if (margin.cosine(u[j]) == max_cosine) {
+        out.best_index = j;
+      }
+    }
+  }
+
+  if (std::isfinite(max_logit)) {
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < length; ++j) {
+      sum += vector_exp(logit[j] - max_logit);
+    }
+    out.max = max_logit;
+    out.sum = sum;
+  } else {  // +-inf logits: the online state's rules for them
+    OnlineLse<acc_t> lse;
+    for (int64_t j = 0; j < length; ++j) {
+      lse.push(logit[j]);
+    }
+    out.max = lse.max;
+    out.sum = lse.sum;
+  }
+}
+
+// The negatives among classes [begin, end): dL/du into g; returns their part of dL/ds.
+template <typename acc_t>
+FK_INLINE acc_t negative_grads(const Margin<acc_t> margin, const RowBackward<acc_t> r,
+                               const acc_t* __restrict__ u, acc_t* __restrict__ g,
+                               int64_t begin, int64_t end) {
+  acc_t scale_grad = 0;
+#pragma omp simd reduction(+ : scale_grad)
+  for (int64_t j = begin; j < end; ++j) {
+    const acc_t c = margin.cosine(u[j]);
+    const NegativeValue<acc_t> v = margin.negative(c);
+    const acc_t grad_logit = r.grad_log_sum * vector_exp((r.scale * v.value - r.max) - r.log_sum);
+    scale_grad += grad_logit * v.value;
+    g[j] = grad_logit * r.scale * v.slope * margin.cosine_slope(u[j]);
+  }
+  return scale_grad;
+}
+
+// Writes dL/du into g and returns the row's dL/ds from this chunk.
+template <typename acc_t>
+FK_INLINE acc_t backward_row_impl(const Margin<acc_t> margin, const RowBackward<acc_t> r,
+                                  const acc_t* u, acc_t* g, int64_t length, int64_t target,
+                                  acc_t* grad_m2, acc_t* grad_m3) {
+  if (target < 0 || target >= length) {
+    return negative_grads(margin, r, u, g, 0, length);
+  }
+  acc_t scale_grad = negative_grads(margin, r, u, g, 0, target);
+  scale_grad += negative_grads(margin, r, u, g, target + 1, length);
+  Margin<acc_t> one = margin;  // u holds one cosine per class
+  one.sub_centers = 1;
+  acc_t cell = u[target];
+  class_backward<acc_t, acc_t>(one, &cell, nullptr, true, r, scale_grad, grad_m2, grad_m3);
+  g[target] = cell;
+  return scale_grad;
+}
+
+// The vector loops, one instance per accumulate type, compiled per vector width.
+FK_VECTOR_CLONES void forward_row(const Margin<float>& margin, float scale, const float* u,
+                                  float* logit, int64_t length, int64_t target,
+                                  ChunkRow<float>& out) {
+  forward_row_impl(margin, scale, u, logit, length, target, out);
+}
+FK_VECTOR_CLONES void forward_row(const Margin<double>& margin, double scale, const double* u,
+                                  double* logit, int64_t length, int64_t target,
+                                  ChunkRow<double>& out) {
+  forward_row_impl(margin, scale, u, logit, length, target, out);
+}
+FK_VECTOR_CLONES float backward_row(const Margin<float>& margin, const RowBackward<float>& r,
+                                    const float* u, float* g, int64_t length, int64_t target,
+                                    float* grad_m2, float* grad_m3) {
+  return backward_row_impl(margin, r, u, g, length, target, grad_m2, grad_m3);
+}
+FK_VECTOR_CLONES double backward_row(const Margin<double>& margin, const RowBackward<double>& r,
+                                     const double* u, double* g, int64_t length, int64_t target,
+                                     double* grad_m2, double* grad_m3) {
+  return backward_row_impl(margin, r, u, g, length, target, grad_m2, grad_m3);
+}
+
+// u for one row of the chunk; with K > 1 also each class's winning sub-center.
+template <typename scalar_t, typename acc_t>
+void gather_cosines(const Margin<acc_t>& margin, const scalar_t* z, const acc_t* inverse,
+                    int64_t length, acc_t* u, int64_t* winners) {
+  const int64_t k = margin.sub_centers;
+  if (k == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < length; ++j) {
+      u[j] = Margin<acc_t>::unclamped(z, inverse, j);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < length; ++j) {
+    const acc_t* class_inverse = inverse != nullptr ? inverse + j * k : nullptr;
+    margin.class_cosine(z + j * k, class_inverse, winners[j]);
+    u[j] = Margin<acc_t>::unclamped(z + j * k, class_inverse, winners[j]);
+  }
+}
+
+// dL/dz from dL/du: times the inverse norm, at the winning sub-center, 0 at the others.
+template <typename scalar_t, typename acc_t>
+void scatter_grads(const acc_t* g, const acc_t* inverse, const int64_t* winners, int64_t length,
+                   int64_t k, scalar_t* z) {
+  if (k == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < length; ++j) {
+      z[j] = static_cast<scalar_t>(inverse != nullptr ? g[j] * inverse[j] : g[j]);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < length; ++j) {
+    for (int64_t q = 0; q < k; ++q) {
+      const acc_t scale = inverse != nullptr ? inverse[j * k + q] : acc_t(1);
+      z[j * k + q] = static_cast<scalar_t>(q == winners[j] ? g[j] * scale : acc_t(0));
+    }
+  }
+}
+
+template <typename acc_t>
+const acc_t* optional_in(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+void forward_epilogue_cpu(const at::Tensor& z, const at::Tensor& inverse, int64_t class_start,
+                          const at::Tensor& labels, const at::Tensor& row_scale,
+                          const MarginOptions& options, RowState& state) {
   const int64_t n = z.size(0), k = options.sub_centers, length = z.size(1) / k;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_forward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const Margin<acc_t> margins = options.margin<acc_t>();
         const scalar_t* zp = z.const_data_ptr<scalar_t>();
+        const acc_t* inv = optional_in<acc_t>(inverse);
         const int64_t* label = labels.const_data_ptr<int64_t>();
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
         acc_t* row_max = state.row_max.mutable_data_ptr<acc_t>();
@@ -26,40 +220,42 @@ void forward_epilogue_cpu(const at::Tensor& z, int64_t class_start, const at::Te
         acc_t* best_cosine = state.best_cosine.mutable_data_ptr<acc_t>();
         int64_t* predicted = state.predicted.mutable_data_ptr<int64_t>();
         at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> u(length), logit(length);
+          std::vector<int64_t> winners(k > 1 ? length : 0);
           for (int64_t i = begin; i < end; ++i) {
             const Margin<acc_t> margin = margins.for_row(i);
-            const scalar_t* row = zp + i * length * k;
             const int64_t target = label[i] - class_start;
+            gather_cosines(margin, zp + i * length * k, inv, length, u.data(), winners.data());
+            ChunkRow<acc_t> chunk;
+            forward_row(margin, scale[i], u.data(), logit.data(), length, target, chunk);
             OnlineLse<acc_t> lse{row_max[i], row_sum[i]};
-            ArgMax<acc_t> best{best_cosine[i], predicted[i]};
-            for (int64_t j = 0; j < length; ++j) {
-              int64_t winner;
-              const acc_t c = margin.class_cosine(row + j * k, winner);
-              const acc_t logit = margin.logit(c, j == target, scale[i]);
-              lse.push(logit);
-              best.push(c, class_start + j);
-              if (j == target) {
-                target_logit[i] = logit;
-              }
-            }
+            lse.merge({chunk.max, chunk.sum});
             row_max[i] = lse.max;
             row_sum[i] = lse.sum;
-            best_cosine[i] = best.value;
-            predicted[i] = best.index;
+            if (target >= 0 && target < length) {
+              target_logit[i] = chunk.target_logit;
+            }
+            if (chunk.best_index >= 0) {
+              ArgMax<acc_t> best{best_cosine[i], predicted[i]};
+              best.push(chunk.best, class_start + chunk.best_index);
+              best_cosine[i] = best.value;
+              predicted[i] = best.index;
+            }
           }
         });
       });
 }
 
-void backward_epilogue_cpu(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
-                           const at::Tensor& row_scale, const MarginOptions& options,
-                           RowGrads& grads) {
+void backward_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, int64_t class_start,
+                           const at::Tensor& labels, const at::Tensor& row_scale,
+                           const MarginOptions& options, RowGrads& grads) {
   const int64_t n = z.size(0), k = options.sub_centers, length = z.size(1) / k;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const Margin<acc_t> margins = options.margin<acc_t>();
         scalar_t* zp = z.mutable_data_ptr<scalar_t>();
+        const acc_t* inv = optional_in<acc_t>(inverse);
         const int64_t* label = labels.const_data_ptr<int64_t>();
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
         const acc_t* max = grads.row_max.const_data_ptr<acc_t>();
@@ -70,18 +266,17 @@ void backward_epilogue_cpu(at::Tensor& z, int64_t class_start, const at::Tensor&
         acc_t* m2_grad = grads.m2.defined() ? grads.m2.mutable_data_ptr<acc_t>() : nullptr;
         acc_t* m3_grad = grads.m3.defined() ? grads.m3.mutable_data_ptr<acc_t>() : nullptr;
         at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> u(length), g(length);
+          std::vector<int64_t> winners(k > 1 ? length : 0);
           for (int64_t i = begin; i < end; ++i) {
             const Margin<acc_t> margin = margins.for_row(i);
             const RowBackward<acc_t> r{scale[i], max[i], lsum[i], g_lsum[i], g_target[i]};
             scalar_t* row = zp + i * length * k;
-            const int64_t target = label[i] - class_start;
-            acc_t row_scale_grad = 0;
-            for (int64_t j = 0; j < length; ++j) {
-              class_backward<scalar_t, acc_t>(margin, row + j * k, j == target, r, row_scale_grad,
-                                              m2_grad ? m2_grad + i : nullptr,
-                                              m3_grad ? m3_grad + i : nullptr);
-            }
-            s_grad[i] += row_scale_grad;
+            gather_cosines(margin, row, inv, length, u.data(), winners.data());
+            s_grad[i] += backward_row(margin, r, u.data(), g.data(), length, label[i] - class_start,
+                                      m2_grad ? m2_grad + i : nullptr,
+                                      m3_grad ? m3_grad + i : nullptr);
+            scatter_grads(g.data(), inv, winners.data(), length, k, row);
           }
         });
       });

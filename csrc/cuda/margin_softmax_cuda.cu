@@ -9,6 +9,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
+template <typename T>
+const T* optional_in(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
 // The row's running state after one chunk: an online log-sum-exp and an argmax.
 template <typename acc_t>
 struct RowSummary {
@@ -28,7 +33,8 @@ struct MergeSummaries {
 // One block per row: threads stride over the chunk's classes, then merge their partial
 // states in cub's fixed tree order (deterministic) and fold the result into the row.
 template <typename scalar_t, typename acc_t>
-__global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z, int64_t length,
+__global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z,
+                                        const acc_t* __restrict__ inverse, int64_t length,
                                         int64_t class_start, const int64_t* __restrict__ labels,
                                         const acc_t* __restrict__ row_scale, Margin<acc_t> margins,
                                         acc_t* __restrict__ row_max, acc_t* __restrict__ row_sum,
@@ -43,7 +49,7 @@ __global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z, int64_t 
   RowSummary<acc_t> mine;
   for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
     int64_t winner;
-    const acc_t c = margin.class_cosine(row + j * k, winner);
+    const acc_t c = margin.class_cosine(row + j * k, inverse ? inverse + j * k : nullptr, winner);
     const acc_t logit = margin.logit(c, j == target, scale);
     mine.lse.push(logit);
     mine.best.push(c, class_start + j);
@@ -66,7 +72,8 @@ __global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z, int64_t 
 
 // The row's target is one class, so one thread writes its margin gradients.
 template <typename scalar_t, typename acc_t>
-__global__ void backward_epilogue_kernel(scalar_t* __restrict__ z, int64_t length,
+__global__ void backward_epilogue_kernel(scalar_t* __restrict__ z,
+                                         const acc_t* __restrict__ inverse, int64_t length,
                                          int64_t class_start, const int64_t* __restrict__ labels,
                                          const acc_t* __restrict__ row_scale,
                                          const acc_t* __restrict__ row_max,
@@ -84,7 +91,8 @@ __global__ void backward_epilogue_kernel(scalar_t* __restrict__ z, int64_t lengt
                              grad_target[i]};
   acc_t mine = 0;
   for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
-    class_backward<scalar_t, acc_t>(margin, row + j * k, j == target, r, mine,
+    class_backward<scalar_t, acc_t>(margin, row + j * k, inverse ? inverse + j * k : nullptr,
+                                    j == target, r, mine,
                                     m2_grad ? m2_grad + i : nullptr,
                                     m3_grad ? m3_grad + i : nullptr);
   }
@@ -96,7 +104,7 @@ __global__ void backward_epilogue_kernel(scalar_t* __restrict__ z, int64_t lengt
   }
 }
 
-void forward_epilogue_cuda(const at::Tensor& z, int64_t class_start, const at::Tensor& labels,
+void forward_epilogue_cuda(const at::Tensor& z, const at::Tensor& inverse, int64_t class_start, const at::Tensor& labels,
                            const at::Tensor& row_scale, const MarginOptions& options,
                            RowState& state) {
   const int64_t n = z.size(0), length = z.size(1) / options.sub_centers;
@@ -105,7 +113,7 @@ void forward_epilogue_cuda(const at::Tensor& z, int64_t class_start, const at::T
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         FK_LAUNCH(n, kThreads, stream, forward_epilogue_kernel<scalar_t, acc_t>)(
-            z.const_data_ptr<scalar_t>(), length, class_start, labels.const_data_ptr<int64_t>(),
+            z.const_data_ptr<scalar_t>(), optional_in<acc_t>(inverse), length, class_start, labels.const_data_ptr<int64_t>(),
             row_scale.const_data_ptr<acc_t>(), options.margin<acc_t>(),
             state.row_max.mutable_data_ptr<acc_t>(), state.row_sum.mutable_data_ptr<acc_t>(),
             state.target_logit.mutable_data_ptr<acc_t>(),
@@ -115,7 +123,7 @@ void forward_epilogue_cuda(const at::Tensor& z, int64_t class_start, const at::T
       });
 }
 
-void backward_epilogue_cuda(at::Tensor& z, int64_t class_start, const at::Tensor& labels,
+void backward_epilogue_cuda(at::Tensor& z, const at::Tensor& inverse, int64_t class_start, const at::Tensor& labels,
                             const at::Tensor& row_scale, const MarginOptions& options,
                             RowGrads& grads) {
   const int64_t n = z.size(0), length = z.size(1) / options.sub_centers;
@@ -127,7 +135,7 @@ void backward_epilogue_cuda(at::Tensor& z, int64_t class_start, const at::Tensor
           return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr;
         };
         FK_LAUNCH(n, kThreads, stream, backward_epilogue_kernel<scalar_t, acc_t>)(
-            z.mutable_data_ptr<scalar_t>(), length, class_start, labels.const_data_ptr<int64_t>(),
+            z.mutable_data_ptr<scalar_t>(), optional_in<acc_t>(inverse), length, class_start, labels.const_data_ptr<int64_t>(),
             row_scale.const_data_ptr<acc_t>(), grads.row_max.const_data_ptr<acc_t>(),
             grads.log_sum.const_data_ptr<acc_t>(), grads.grad_log_sum.const_data_ptr<acc_t>(),
             grads.grad_target.const_data_ptr<acc_t>(), options.margin<acc_t>(),
