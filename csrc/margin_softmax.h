@@ -82,8 +82,7 @@ struct Margin {
   // Sub-center k's z times its inverse weight norm: its cosine before the clamp.
   template <typename scalar_t>
   C10_HOST_DEVICE static acc_t unclamped(const scalar_t* z, const acc_t* inverse, int64_t k) {
-    const acc_t u = static_cast<acc_t>(z[k]);
-    return inverse != nullptr ? u * inverse[k] : u;
+    return static_cast<acc_t>(z[k]) * (inverse != nullptr ? inverse[k] : acc_t(1));
   }
 
   C10_HOST_DEVICE acc_t cosine(acc_t z) const {

@@ -22,6 +22,14 @@
 namespace facekernels {
 namespace {
 
+// Rows per task: at least this many chunk elements each, so that a small chunk (few
+// classes, or the last one) is not spread over every core for microseconds of work.
+constexpr int64_t kTaskElements = 32768;
+
+int64_t row_grain(int64_t row_elements) {
+  return std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, row_elements));
+}
+
 // What one chunk of one row adds to the forward's row state.
 template <typename acc_t>
 struct ChunkRow {
@@ -159,29 +167,40 @@ FK_VECTOR_CLONES double backward_row(const Margin<double>& margin, const RowBack
   return backward_row_impl(margin, r, u, g, length, target, grad_m2, grad_m3);
 }
 
-// u for one row of the chunk; with K > 1 also each class's winning sub-center.
+// u for one row of the chunk; with K > 1 also each class's winning sub-center: the first
+// max before the clamp (the first NaN wins), one sub-center at a time over all classes so
+// that the loops run across classes. Margin::class_cosine takes the first max after the
+// clamp; the two differ only among sub-centers clamped alike, whose gradient is 0 either
+// way, so the outputs are the same.
 template <typename scalar_t, typename acc_t>
-void gather_cosines(const Margin<acc_t>& margin, const scalar_t* z, const acc_t* inverse,
-                    int64_t length, acc_t* u, int64_t* winners) {
+FK_INLINE void gather_cosines_impl(const Margin<acc_t> margin, const scalar_t* __restrict__ z,
+                                   const acc_t* __restrict__ inverse, int64_t length,
+                                   acc_t* __restrict__ u, int32_t* __restrict__ winners) {
   const int64_t k = margin.sub_centers;
-  if (k == 1) {
+#pragma omp simd
+  for (int64_t j = 0; j < length; ++j) {
+    u[j] = Margin<acc_t>::unclamped(z, inverse, j * k);
+  }
+  if (k > 1) {
+    std::fill_n(winners, length, 0);
+  }
+  for (int32_t q = 1; q < k; ++q) {
 #pragma omp simd
     for (int64_t j = 0; j < length; ++j) {
-      u[j] = Margin<acc_t>::unclamped(z, inverse, j);
+      const acc_t best = u[j];
+      const acc_t c = Margin<acc_t>::unclamped(z, inverse, j * k + q);
+      const bool take = (best == best) & ((c > best) | (c != c));
+      u[j] = take ? c : best;
+      winners[j] = take ? q : winners[j];
     }
-    return;
-  }
-  for (int64_t j = 0; j < length; ++j) {
-    const acc_t* class_inverse = inverse != nullptr ? inverse + j * k : nullptr;
-    margin.class_cosine(z + j * k, class_inverse, winners[j]);
-    u[j] = Margin<acc_t>::unclamped(z + j * k, class_inverse, winners[j]);
   }
 }
 
 // dL/dz from dL/du: times the inverse norm, at the winning sub-center, 0 at the others.
 template <typename scalar_t, typename acc_t>
-void scatter_grads(const acc_t* g, const acc_t* inverse, const int64_t* winners, int64_t length,
-                   int64_t k, scalar_t* z) {
+FK_INLINE void scatter_grads_impl(const acc_t* __restrict__ g, const acc_t* __restrict__ inverse,
+                                  const int32_t* __restrict__ winners, int64_t length, int64_t k,
+                                  scalar_t* __restrict__ z) {
   if (k == 1) {
 #pragma omp simd
     for (int64_t j = 0; j < length; ++j) {
@@ -189,12 +208,43 @@ void scatter_grads(const acc_t* g, const acc_t* inverse, const int64_t* winners,
     }
     return;
   }
-  for (int64_t j = 0; j < length; ++j) {
-    for (int64_t q = 0; q < k; ++q) {
+  for (int32_t q = 0; q < k; ++q) {
+#pragma omp simd
+    for (int64_t j = 0; j < length; ++j) {
       const acc_t scale = inverse != nullptr ? inverse[j * k + q] : acc_t(1);
-      z[j * k + q] = static_cast<scalar_t>(q == winners[j] ? g[j] * scale : acc_t(0));
+      z[j * k + q] = static_cast<scalar_t>(winners[j] == q ? g[j] * scale : acc_t(0));
     }
   }
+}
+
+template <typename scalar_t, typename acc_t>
+void gather_cosines(const Margin<acc_t>& margin, const scalar_t* z, const acc_t* inverse,
+                    int64_t length, acc_t* u, int32_t* winners) {
+  gather_cosines_impl(margin, z, inverse, length, u, winners);
+}
+template <typename scalar_t, typename acc_t>
+void scatter_grads(const acc_t* g, const acc_t* inverse, const int32_t* winners, int64_t length,
+                   int64_t k, scalar_t* z) {
+  scatter_grads_impl(g, inverse, winners, length, k, z);
+}
+// fp32 and fp64 chunks, compiled per vector width too.
+FK_VECTOR_CLONES void gather_cosines(const Margin<float>& margin, const float* z,
+                                     const float* inverse, int64_t length, float* u,
+                                     int32_t* winners) {
+  gather_cosines_impl(margin, z, inverse, length, u, winners);
+}
+FK_VECTOR_CLONES void gather_cosines(const Margin<double>& margin, const double* z,
+                                     const double* inverse, int64_t length, double* u,
+                                     int32_t* winners) {
+  gather_cosines_impl(margin, z, inverse, length, u, winners);
+}
+FK_VECTOR_CLONES void scatter_grads(const float* g, const float* inverse, const int32_t* winners,
+                                    int64_t length, int64_t k, float* z) {
+  scatter_grads_impl(g, inverse, winners, length, k, z);
+}
+FK_VECTOR_CLONES void scatter_grads(const double* g, const double* inverse,
+                                    const int32_t* winners, int64_t length, int64_t k, double* z) {
+  scatter_grads_impl(g, inverse, winners, length, k, z);
 }
 
 template <typename acc_t>
@@ -219,9 +269,9 @@ void forward_epilogue_cpu(const at::Tensor& z, const at::Tensor& inverse, int64_
         acc_t* target_logit = state.target_logit.mutable_data_ptr<acc_t>();
         acc_t* best_cosine = state.best_cosine.mutable_data_ptr<acc_t>();
         int64_t* predicted = state.predicted.mutable_data_ptr<int64_t>();
-        at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, n, row_grain(length * k), [&](int64_t begin, int64_t end) {
           std::vector<acc_t> u(length), logit(length);
-          std::vector<int64_t> winners(k > 1 ? length : 0);
+          std::vector<int32_t> winners(k > 1 ? length : 0);
           for (int64_t i = begin; i < end; ++i) {
             const Margin<acc_t> margin = margins.for_row(i);
             const int64_t target = label[i] - class_start;
@@ -265,9 +315,9 @@ void backward_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, int64_t cla
         acc_t* s_grad = grads.scale.mutable_data_ptr<acc_t>();
         acc_t* m2_grad = grads.m2.defined() ? grads.m2.mutable_data_ptr<acc_t>() : nullptr;
         acc_t* m3_grad = grads.m3.defined() ? grads.m3.mutable_data_ptr<acc_t>() : nullptr;
-        at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, n, row_grain(length * k), [&](int64_t begin, int64_t end) {
           std::vector<acc_t> u(length), g(length);
-          std::vector<int64_t> winners(k > 1 ? length : 0);
+          std::vector<int32_t> winners(k > 1 ? length : 0);
           for (int64_t i = begin; i < end; ++i) {
             const Margin<acc_t> margin = margins.for_row(i);
             const RowBackward<acc_t> r{scale[i], max[i], lsum[i], g_lsum[i], g_target[i]};
