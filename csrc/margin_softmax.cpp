@@ -65,22 +65,18 @@ MarginOptions with_row_inputs(MarginOptions options, const at::Tensor& embedding
 }
 
 // Row norms and 1 / norms floored at 1e-12 as F.normalize, both [R, 1] in the accumulate
-// type of `dtype`. The sum of squares of an fp32 row overflows from a norm of 1.8e19 on
-// (which would make the row zero) and loses its small elements below 1e-19: on the GPU the
-// norms are summed in double; on the CPU, where that means a converted copy of the rows,
-// in the accumulate type when every norm lies in [2^-50, 2^50], in double otherwise.
+// type of `dtype`. The sum of squares of an fp32 row overflows from a norm of 1.8e19 on,
+// which would make the row zero: on the GPU the norms are summed in double; on the CPU,
+// where that means a converted copy of the rows, in the accumulate type, then again in
+// double if one came out non-finite. (Squares that underflow do not matter: they are below
+// 1e-38, against a norm at least the floor's 1e-12 or else floored.)
 std::tuple<at::Tensor, at::Tensor> row_norms(const at::Tensor& rows, at::ScalarType dtype) {
   const at::ScalarType acc = at::toOpMathType(dtype);
   at::Tensor norms;
   if (rows.is_cpu() && acc == rows.scalar_type()) {
     norms = at::linalg_vector_norm(rows, 2, {1}, /*keepdim=*/true);
-    const bool safe = (norms >= std::ldexp(1.0, -50)).logical_and_(norms <= std::ldexp(1.0, 50))
-                          .all().item<bool>();
-    if (!safe) {
-      norms = at::Tensor();
-    }
   }
-  if (!norms.defined()) {
+  if (!norms.defined() || !at::isfinite(norms).all().item<bool>()) {
     norms = at::linalg_vector_norm(rows, 2, {1}, /*keepdim=*/true, at::kDouble).to(acc);
   }
   return {norms, norms.clamp_min(kNormFloor).reciprocal()};
@@ -127,10 +123,18 @@ Rows prepare_rows(const at::Tensor& embeddings, const MarginOptions& options) {
   return {unit, inverse, norms, row_scales(norms, options)};
 }
 
-// The weight rows of one chunk, raw, in the embeddings' dtype for the GEMM; their norms
-// and inverse norms ([len * K], accumulate type) when the weight is normalized.
+// The weight rows of one chunk in the embeddings' dtype for the GEMM; their norms and
+// inverse norms ([len * K], accumulate type) when the weight is normalized. The rows are
+// raw and the epilogue applies the inverse norms, except in fp16, whose range (6e-5 to
+// 65504 at full precision) would not hold every raw weight: there they are normalized
+// before the cast, as F.normalize then a half GEMM does.
 struct WeightChunk {
   at::Tensor rows, inverse, norms;
+  bool prescaled;
+
+  // What the epilogue multiplies z by: undefined for raw rows of an unnormalized weight
+  // and for prescaled rows.
+  at::Tensor epilogue_inverse() const { return prescaled ? at::Tensor() : inverse; }
 };
 
 // The classes the op sees: the weight's rows in groups of K sub-centers, all of them or
@@ -184,10 +188,14 @@ WeightChunk weight_chunk(const Classes& classes, int64_t start, int64_t length,
                          at::ScalarType dtype, const MarginOptions& options) {
   const at::Tensor raw = classes.chunk(start, length);
   if (!options.normalize_weight) {
-    return {raw.to(dtype), at::Tensor(), at::Tensor()};
+    return {raw.to(dtype), at::Tensor(), at::Tensor(), false};
+  }
+  if (dtype == at::kHalf) {
+    auto [rows, inverse, norms] = normalize_rows(raw, dtype);
+    return {rows, inverse.view(-1), norms.view(-1), true};
   }
   auto [norms, inverse] = row_norms(raw, dtype);
-  return {raw.to(dtype), inverse.view(-1), norms.view(-1)};
+  return {raw.to(dtype), inverse.view(-1), norms.view(-1), false};
 }
 
 // z = unit @ rows^T for one chunk, [N, rows], in one buffer that every chunk reuses: a
@@ -237,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
     const at::Tensor z = gemm(unit_rows.unit, chunk.rows);
-    epilogue(z, chunk.inverse, start, labels_c, unit_rows.scales, options, state);
+    epilogue(z, chunk.epilogue_inverse(), start, labels_c, unit_rows.scales, options, state);
   }
   return {state.row_max, state.row_sum.log(), state.target_logit, state.best_cosine,
           state.predicted};
@@ -294,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
     const int64_t first = start * options.sub_centers, count = length * options.sub_centers;
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
     at::Tensor dz = gemm(unit_rows.unit, chunk.rows);
-    epilogue(dz, chunk.inverse, start, labels_c, unit_rows.scales, options, grads);
+    epilogue(dz, chunk.epilogue_inverse(), start, labels_c, unit_rows.scales, options, grads);
     if (embeddings_grad) {
       if (dtype == acc.dtype().toScalarType()) {
         grad_unit.addmm_(dz, chunk.rows);
@@ -309,7 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
       } else {
         grad = at::matmul(dz.t(), unit_rows.unit).to(acc.dtype());
       }
-      if (options.normalize_weight) {
+      if (chunk.prescaled) {
+        grad = normalize_backward(grad, chunk.rows.to(acc.dtype()), chunk.inverse.unsqueeze(1),
+                                  chunk.norms.unsqueeze(1));
+      } else if (options.normalize_weight) {
         normalize_backward_raw_(grad, chunk.rows.to(acc.dtype()), chunk.inverse.unsqueeze(1),
                                 chunk.norms.unsqueeze(1));
       }

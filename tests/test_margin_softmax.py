@@ -351,6 +351,20 @@ def test_huge_fp32_norms_are_normalized_not_zeroed(device):
         assert_close(loss(w * scale), loss(w))
 
 
+@pytest.mark.parametrize("factor", [1e6, 1e-6])
+def test_fp16_weight_rows_outside_half_range_are_normalized_first(device, factor):
+    # The GEMM runs in the embeddings' fp16: weight rows of 1e6 (inf in half) or 1e-6
+    # (subnormal) must be normalized before the cast, so the loss and the embeddings'
+    # gradient are those of the unscaled weight, and the weight's gradient scales by 1/factor.
+    x, w, y = make_batch(6, 8, 10, device, torch.float32)
+    want = run(lambda x, w, y: facekernels.margin_softmax_loss(x.half(), w, y, scale=16.0, m2=0.5), x, w, y)
+    got = run(lambda x, w, y: facekernels.margin_softmax_loss(x.half(), w, y, scale=16.0, m2=0.5), x, w * factor, y)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
+    torch.testing.assert_close(got[0], want[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got[2] * factor, want[2], rtol=2e-2, atol=2e-3)
+
+
 BAD_INPUTS = [
     ("label >= C", lambda x, w, y: (x, w, y.index_fill(0, torch.tensor([2], device=y.device), 21)),
      ValueError, r"labels must be int64 with values in \[0, 21\), got max 21"),
