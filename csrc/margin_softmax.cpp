@@ -206,7 +206,8 @@ class ChunkGemm {
       : buffer_(at::empty({unit.size(0) * max_rows}, unit.options())) {}
 
   at::Tensor operator()(const at::Tensor& unit, const at::Tensor& rows) {
-    at::Tensor z = buffer_.narrow(0, 0, unit.size(0) * rows.size(0)).view({unit.size(0), rows.size(0)});
+    const int64_t n = unit.size(0), m = rows.size(0);
+    at::Tensor z = buffer_.narrow(0, 0, n * m).view({n, m});
     return at::mm_out(z, unit, rows.t());
   }
 

@@ -33,17 +33,20 @@ int64_t row_grain(int64_t row_elements) {
 // What one chunk of one row adds to the forward's row state.
 template <typename acc_t>
 struct ChunkRow {
-  acc_t max, sum;           // log-sum-exp state of the chunk's logits
-  acc_t best;               // the largest margin-free cosine, at class best_index (-1: none)
+  acc_t max, sum;      // log-sum-exp state of the chunk's logits
+  acc_t best;          // the largest margin-free cosine, at class best_index (-1: none)
   int64_t best_index;
-  acc_t target_logit;       // written when the target is in the chunk
+  acc_t target_logit;  // written when the target is in the chunk
 };
 
 // The negatives among classes [begin, end): logits into `logit`, and the running max of
-// the logits and of the cosines (NaNs skipped here; the sum carries them).
+// the logits and of the cosines (NaNs skipped here; the sum carries them). The Margin
+// comes by value here and below: by reference, GCC re-read its fields in every iteration
+// and ran scalar versions of the loops.
 template <typename acc_t>
 FK_INLINE void negative_logits(const Margin<acc_t> margin, acc_t scale,
-                               const acc_t* __restrict__ u, acc_t* __restrict__ logit, int64_t begin, int64_t end, acc_t& max_logit,
+                               const acc_t* __restrict__ u, acc_t* __restrict__ logit,
+                               int64_t begin, int64_t end, acc_t& max_logit,
                                acc_t& max_cosine) {
   acc_t top = max_logit, best = max_cosine;
 #pragma omp simd reduction(max : top, best)

@@ -49,7 +49,8 @@ __global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z,
   RowSummary<acc_t> mine;
   for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
     int64_t winner;
-    const acc_t c = margin.class_cosine(row + j * k, inverse ? inverse + j * k : nullptr, winner);
+    const acc_t c =
+        margin.class_cosine(row + j * k, inverse ? inverse + j * k : nullptr, winner);
     const acc_t logit = margin.logit(c, j == target, scale);
     mine.lse.push(logit);
     mine.best.push(c, class_start + j);
@@ -104,17 +105,18 @@ __global__ void backward_epilogue_kernel(scalar_t* __restrict__ z,
   }
 }
 
-void forward_epilogue_cuda(const at::Tensor& z, const at::Tensor& inverse, int64_t class_start, const at::Tensor& labels,
-                           const at::Tensor& row_scale, const MarginOptions& options,
-                           RowState& state) {
+void forward_epilogue_cuda(const at::Tensor& z, const at::Tensor& inverse, int64_t class_start,
+                           const at::Tensor& labels, const at::Tensor& row_scale,
+                           const MarginOptions& options, RowState& state) {
   const int64_t n = z.size(0), length = z.size(1) / options.sub_centers;
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         FK_LAUNCH(n, kThreads, stream, forward_epilogue_kernel<scalar_t, acc_t>)(
-            z.const_data_ptr<scalar_t>(), optional_in<acc_t>(inverse), length, class_start, labels.const_data_ptr<int64_t>(),
-            row_scale.const_data_ptr<acc_t>(), options.margin<acc_t>(),
+            z.const_data_ptr<scalar_t>(), optional_in<acc_t>(inverse), length, class_start,
+            labels.const_data_ptr<int64_t>(), row_scale.const_data_ptr<acc_t>(),
+            options.margin<acc_t>(),
             state.row_max.mutable_data_ptr<acc_t>(), state.row_sum.mutable_data_ptr<acc_t>(),
             state.target_logit.mutable_data_ptr<acc_t>(),
             state.best_cosine.mutable_data_ptr<acc_t>(),
@@ -123,9 +125,9 @@ void forward_epilogue_cuda(const at::Tensor& z, const at::Tensor& inverse, int64
       });
 }
 
-void backward_epilogue_cuda(at::Tensor& z, const at::Tensor& inverse, int64_t class_start, const at::Tensor& labels,
-                            const at::Tensor& row_scale, const MarginOptions& options,
-                            RowGrads& grads) {
+void backward_epilogue_cuda(at::Tensor& z, const at::Tensor& inverse, int64_t class_start,
+                            const at::Tensor& labels, const at::Tensor& row_scale,
+                            const MarginOptions& options, RowGrads& grads) {
   const int64_t n = z.size(0), length = z.size(1) / options.sub_centers;
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -135,8 +137,9 @@ void backward_epilogue_cuda(at::Tensor& z, const at::Tensor& inverse, int64_t cl
           return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr;
         };
         FK_LAUNCH(n, kThreads, stream, backward_epilogue_kernel<scalar_t, acc_t>)(
-            z.mutable_data_ptr<scalar_t>(), optional_in<acc_t>(inverse), length, class_start, labels.const_data_ptr<int64_t>(),
-            row_scale.const_data_ptr<acc_t>(), grads.row_max.const_data_ptr<acc_t>(),
+            z.mutable_data_ptr<scalar_t>(), optional_in<acc_t>(inverse), length, class_start,
+            labels.const_data_ptr<int64_t>(), row_scale.const_data_ptr<acc_t>(),
+            grads.row_max.const_data_ptr<acc_t>(),
             grads.log_sum.const_data_ptr<acc_t>(), grads.grad_log_sum.const_data_ptr<acc_t>(),
             grads.grad_target.const_data_ptr<acc_t>(), options.margin<acc_t>(),
             grads.scale.mutable_data_ptr<acc_t>(), optional_out(grads.m2), optional_out(grads.m3));
