@@ -203,15 +203,16 @@ WeightChunk weight_chunk(const Classes& classes, int64_t start, int64_t length,
 class ChunkGemm {
  public:
   ChunkGemm(const at::Tensor& unit, int64_t max_rows)
-      : buffer_(at::empty({unit.size(0) * max_rows}, unit.options())) {}
+      : unit_(unit), buffer_(at::empty({unit.size(0) * max_rows}, unit.options())) {}
 
-  at::Tensor operator()(const at::Tensor& unit, const at::Tensor& rows) {
-    const int64_t n = unit.size(0), m = rows.size(0);
+  at::Tensor operator()(const at::Tensor& rows) {
+    const int64_t n = unit_.size(0), m = rows.size(0);
     at::Tensor z = buffer_.narrow(0, 0, n * m).view({n, m});
-    return at::mm_out(z, unit, rows.t());
+    return at::mm_out(z, unit_, rows.t());
   }
 
  private:
+  const at::Tensor& unit_;
   at::Tensor buffer_;
 };
 
@@ -245,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
-    const at::Tensor z = gemm(unit_rows.unit, chunk.rows);
+    const at::Tensor z = gemm(chunk.rows);
     epilogue(z, chunk.epilogue_inverse(), start, labels_c, unit_rows.scales, options, state);
   }
   return {state.row_max, state.row_sum.log(), state.target_logit, state.best_cosine,
@@ -294,18 +295,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
       !weight_grad ? weight.new_empty({0, weight.size(1)})
       : rows       ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
                    : at::empty_like(weight, at::MemoryFormat::Contiguous);
-  // The weight's gradient goes straight from the GEMM into its rows where the dtypes allow.
+  // The backward GEMMs accumulate into their outputs where they run in the accumulate type;
+  // the weight's gradient then goes straight from its GEMM into its rows.
+  const bool gemm_in_acc = dtype == acc.dtype().toScalarType();
   const bool direct = weight_grad && !classes.weight_rows && grad_weight.scalar_type() == dtype &&
-                      dtype == acc.dtype().toScalarType();
+                      gemm_in_acc;
   ChunkGemm gemm(unit_rows.unit, std::min(options.chunk_size, num_classes) * options.sub_centers);
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const int64_t first = start * options.sub_centers, count = length * options.sub_centers;
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
-    at::Tensor dz = gemm(unit_rows.unit, chunk.rows);
+    at::Tensor dz = gemm(chunk.rows);
     epilogue(dz, chunk.epilogue_inverse(), start, labels_c, unit_rows.scales, options, grads);
     if (embeddings_grad) {
-      if (dtype == acc.dtype().toScalarType()) {
+      if (gemm_in_acc) {
         grad_unit.addmm_(dz, chunk.rows);
       } else {
         grad_unit.add_(at::matmul(dz, chunk.rows));

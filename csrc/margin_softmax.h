@@ -259,6 +259,16 @@ struct OnlineLse {
   }
 };
 
+// An optional tensor's data for a kernel argument: null when the tensor is undefined.
+template <typename T>
+const T* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* optional_mutable_data(at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
 // What the per-device epilogues receive. All [N] tensors are contiguous, in the accumulate
 // type except `labels` and `predicted` (int64).
 struct MarginOptions {
@@ -272,14 +282,12 @@ struct MarginOptions {
 
   template <typename acc_t>
   Margin<acc_t> margin() const {
-    const auto rows = [](const at::Tensor& t) {
-      return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-    };
     const acc_t limit = static_cast<acc_t>(kind == kAdaMargin ? 1.0 - kAdaEps : 1.0);
     return {static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(m3),
             static_cast<acc_t>(lambda), kind, exact_gradient, normalize_weight, limit,
             static_cast<acc_t>(filter), std::numeric_limits<acc_t>::infinity(), acc_t(0),
-            sub_centers, rows(row_m2), rows(row_m3), rows(row_hard), rows(row_hard_t)};
+            sub_centers, optional_data<acc_t>(row_m2), optional_data<acc_t>(row_m3),
+            optional_data<acc_t>(row_hard), optional_data<acc_t>(row_hard_t)};
   }
 };
 

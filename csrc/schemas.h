@@ -57,10 +57,11 @@ inline void define_ops(torch::Library& m) {
       "Tensor grad_m3)");
 
   // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
-  // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet, 6 every triplet; positives and negatives
-  // index the columns (self_ref: the first N columns are the rows themselves, the batch or a
-  // memory that starts with it; p != a). Returns the sum of the mined triplets' losses, how
-  // many are > 0, how many were mined, and d loss_sum / d dist. triplet_mine returns the triplets (a, p, n) in lexicographic order.
+  // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet, 6 every triplet; positives
+  // and negatives index the columns (self_ref: the first N columns are the rows themselves,
+  // the batch or a memory that starts with it; p != a). Returns the sum of the mined
+  // triplets' losses, how many are > 0, how many were mined, and d loss_sum / d dist.
+  // triplet_mine returns the triplets (a, p, n) in lexicographic order.
   m.def(
       "triplet_margin_forward(Tensor dist, Tensor labels, Tensor ref_labels, float margin, "
       "int mining, bool self_ref, bool smooth) -> (Tensor loss_sum, Tensor active, "

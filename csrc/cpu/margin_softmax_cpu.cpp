@@ -250,11 +250,6 @@ FK_VECTOR_CLONES void scatter_grads(const double* g, const double* inverse,
   scatter_grads_impl(g, inverse, winners, length, k, z);
 }
 
-template <typename acc_t>
-const acc_t* optional_in(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-}
-
 void forward_epilogue_cpu(const at::Tensor& z, const at::Tensor& inverse, int64_t class_start,
                           const at::Tensor& labels, const at::Tensor& row_scale,
                           const MarginOptions& options, RowState& state) {
@@ -264,7 +259,7 @@ void forward_epilogue_cpu(const at::Tensor& z, const at::Tensor& inverse, int64_
         using acc_t = at::opmath_type<scalar_t>;
         const Margin<acc_t> margins = options.margin<acc_t>();
         const scalar_t* zp = z.const_data_ptr<scalar_t>();
-        const acc_t* inv = optional_in<acc_t>(inverse);
+        const acc_t* inv = optional_data<acc_t>(inverse);
         const int64_t* label = labels.const_data_ptr<int64_t>();
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
         acc_t* row_max = state.row_max.mutable_data_ptr<acc_t>();
@@ -308,7 +303,7 @@ void backward_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, int64_t cla
         using acc_t = at::opmath_type<scalar_t>;
         const Margin<acc_t> margins = options.margin<acc_t>();
         scalar_t* zp = z.mutable_data_ptr<scalar_t>();
-        const acc_t* inv = optional_in<acc_t>(inverse);
+        const acc_t* inv = optional_data<acc_t>(inverse);
         const int64_t* label = labels.const_data_ptr<int64_t>();
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
         const acc_t* max = grads.row_max.const_data_ptr<acc_t>();
@@ -316,8 +311,8 @@ void backward_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, int64_t cla
         const acc_t* g_lsum = grads.grad_log_sum.const_data_ptr<acc_t>();
         const acc_t* g_target = grads.grad_target.const_data_ptr<acc_t>();
         acc_t* s_grad = grads.scale.mutable_data_ptr<acc_t>();
-        acc_t* m2_grad = grads.m2.defined() ? grads.m2.mutable_data_ptr<acc_t>() : nullptr;
-        acc_t* m3_grad = grads.m3.defined() ? grads.m3.mutable_data_ptr<acc_t>() : nullptr;
+        acc_t* m2_grad = optional_mutable_data<acc_t>(grads.m2);
+        acc_t* m3_grad = optional_mutable_data<acc_t>(grads.m3);
         at::parallel_for(0, n, row_grain(length * k), [&](int64_t begin, int64_t end) {
           std::vector<acc_t> u(length), g(length);
           std::vector<int32_t> winners(k > 1 ? length : 0);

@@ -9,11 +9,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-const T* optional_in(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 // The row's running state after one chunk: an online log-sum-exp and an argmax.
 template <typename acc_t>
 struct RowSummary {
@@ -114,7 +109,7 @@ void forward_epilogue_cuda(const at::Tensor& z, const at::Tensor& inverse, int64
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         FK_LAUNCH(n, kThreads, stream, forward_epilogue_kernel<scalar_t, acc_t>)(
-            z.const_data_ptr<scalar_t>(), optional_in<acc_t>(inverse), length, class_start,
+            z.const_data_ptr<scalar_t>(), optional_data<acc_t>(inverse), length, class_start,
             labels.const_data_ptr<int64_t>(), row_scale.const_data_ptr<acc_t>(),
             options.margin<acc_t>(),
             state.row_max.mutable_data_ptr<acc_t>(), state.row_sum.mutable_data_ptr<acc_t>(),
@@ -133,16 +128,14 @@ void backward_epilogue_cuda(at::Tensor& z, const at::Tensor& inverse, int64_t cl
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const auto optional_out = [](at::Tensor& t) {
-          return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr;
-        };
         FK_LAUNCH(n, kThreads, stream, backward_epilogue_kernel<scalar_t, acc_t>)(
-            z.mutable_data_ptr<scalar_t>(), optional_in<acc_t>(inverse), length, class_start,
+            z.mutable_data_ptr<scalar_t>(), optional_data<acc_t>(inverse), length, class_start,
             labels.const_data_ptr<int64_t>(), row_scale.const_data_ptr<acc_t>(),
             grads.row_max.const_data_ptr<acc_t>(),
             grads.log_sum.const_data_ptr<acc_t>(), grads.grad_log_sum.const_data_ptr<acc_t>(),
             grads.grad_target.const_data_ptr<acc_t>(), options.margin<acc_t>(),
-            grads.scale.mutable_data_ptr<acc_t>(), optional_out(grads.m2), optional_out(grads.m3));
+            grads.scale.mutable_data_ptr<acc_t>(), optional_mutable_data<acc_t>(grads.m2),
+            optional_mutable_data<acc_t>(grads.m3));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
