@@ -29,27 +29,44 @@ enum TripletMining : int64_t {
   kMineEvery = 6,     // no mining: every valid triplet (PML's loss without a miner)
 };
 
+// A threshold rule as a window on t = d_an - d_ap: lo < t <= hi, each side present or
+// not. Written with & and |, no branches, so that CPU vector loops keep it.
+template <typename acc_t>
+struct TripletWindow {
+  acc_t lo, hi;
+  bool has_lo, has_hi;
+
+  C10_HOST_DEVICE bool contains(acc_t t) const {
+    return (!has_lo | (t > lo)) & (!has_hi | (t <= hi));  // NaN: only with neither side
+  }
+};
+
 template <typename acc_t>
 struct TripletRule {
   acc_t margin;
   int64_t mining;
   bool smooth;  // softplus instead of relu
 
-  // Threshold rules: does (d_ap, d_an) form a mined triplet?
-  C10_HOST_DEVICE bool selects(acc_t d_ap, acc_t d_an) const {
-    const acc_t t = d_an - d_ap;
+  // Threshold rules: kMineAll t <= margin, kMineHard t <= min(margin, 0), kMineSemihard
+  // 0 < t <= margin, kMineEasy t > margin, kMineEvery any t.
+  C10_HOST_DEVICE TripletWindow<acc_t> window() const {
     switch (mining) {
       case kMineEasy:
-        return t > margin;
+        return {margin, acc_t(0), true, false};
       case kMineHard:
-        return t <= margin && t <= acc_t(0);
+        return {acc_t(0), margin < acc_t(0) ? margin : acc_t(0), false, true};
       case kMineSemihard:
-        return t <= margin && t > acc_t(0);
+        return {acc_t(0), margin, true, true};
       case kMineEvery:
-        return true;
+        return {acc_t(0), acc_t(0), false, false};
       default:
-        return t <= margin;
+        return {acc_t(0), margin, false, true};
     }
+  }
+
+  // Does (d_ap, d_an) form a mined triplet under a threshold rule?
+  C10_HOST_DEVICE bool selects(acc_t d_ap, acc_t d_an) const {
+    return window().contains(d_an - d_ap);
   }
 
   // The loss of a triplet, relu or softplus of v = d_ap - d_an + margin, and its slope

@@ -225,17 +225,19 @@ def test_overflowing_logits_give_the_same_log_sum_exp_sequentially_and_in_a_tree
     assert_same(cpu, emulated, torch.float32)
 
 
-# name: (anchors N, columns M or None for the batch itself, classes, rounding of distances)
+# name: (anchors N, columns M or None for the batch itself, classes, rounding of distances,
+# non-finite distances)
 TRIPLET_CASES = {
-    "one_anchor": (1, None, 1, None),
-    "pairs_not_a_multiple_of_the_block": (37, 300, 6, None),
-    "more_columns_than_threads": (300, None, 100, None),
-    "tied_distances": (24, None, 4, 0.5),
+    "one_anchor": (1, None, 1, None, False),
+    "pairs_not_a_multiple_of_the_block": (37, 300, 6, None, False),
+    "more_columns_than_threads": (300, None, 100, None, False),
+    "tied_distances": (24, None, 4, 0.5, False),
+    "nan_and_infinite_distances": (19, 53, 3, None, True),
 }
 
 
 def triplet_inputs(case, dtype):
-    n, m, classes, rounding = TRIPLET_CASES[case]
+    n, m, classes, rounding, non_finite = TRIPLET_CASES[case]
     g = generator(len(case))
     x = torch.randn(n, 8, generator=g, dtype=torch.float64)
     labels = torch.randint(0, classes, (n,), generator=g)
@@ -248,6 +250,10 @@ def triplet_inputs(case, dtype):
     dist = torch.cdist(x, ref)
     if rounding:
         dist = (dist / rounding).round() * rounding
+    if non_finite:  # every rule's window meets NaN, +inf and -inf as d_ap and as d_an
+        cells = torch.randperm(dist.numel(), generator=g)[:3 * 12].view(3, 12)
+        for cell, value in zip(cells, (math.nan, math.inf, -math.inf)):
+            dist.view(-1)[cell] = value
     return dist.to(dtype), labels, ref_labels, m is None
 
 
