@@ -12,7 +12,6 @@ ratio, its median and the middle half of the rounds.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_adaptive_heads import HEADS, _raw_embeddings  # noqa: E402
 from bench_margin_softmax import bare_gemms, facekernels_loss, reference_loss  # noqa: E402
+from interleave import interleaved, ratio_text  # noqa: E402
 
 import facekernels  # noqa: E402
 
@@ -41,7 +41,7 @@ def head_steps(name, x, y, num_classes, dim):
 
 
 def rounds_of(steps, x, w, rounds):
-    """{impl: [seconds per round]}, the impls interleaved, their order rotating."""
+    """{impl: [seconds per round]}: the floor and each impl's fwd+bwd, interleaved."""
 
     def fwd_bwd(loss_fn):
         def step():
@@ -51,24 +51,8 @@ def rounds_of(steps, x, w, rounds):
         return step
 
     xs, ws = x.detach(), w.detach()
-    calls = {"floor": lambda: bare_gemms(xs, ws, None), **{k: fwd_bwd(v) for k, v in steps.items()}}
-    for call in calls.values():  # warm-up, compilation included
-        call()
-        call()
-    names = list(calls)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def ratio_text(num, den):
-    ratios = sorted(a / b for a, b in zip(num, den))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return f"{statistics.median(ratios):.2f}x ({q[0]:.2f}-{q[2]:.2f})"
+    return interleaved({"floor": lambda: bare_gemms(xs, ws, None),
+                        **{k: fwd_bwd(v) for k, v in steps.items()}}, rounds)
 
 
 def main():

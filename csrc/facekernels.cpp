@@ -5,14 +5,8 @@
 
 #include "facekernels_build_info.h"
 #include "schemas.h"
-#include "triplet.h"
 
 TORCH_LIBRARY(facekernels, m) { facekernels::define_ops(m); }
-
-// Gathers and ATen reductions only: one kernel serves every device.
-TORCH_LIBRARY_IMPL(facekernels, CompositeExplicitAutograd, m) {
-  m.impl("pairwise_distance_refine", &facekernels::pairwise_distance_refine);
-}
 
 // A real module init, so `import facekernels._C` loads the op registrations above.
 static struct PyModuleDef facekernels_module = {PyModuleDef_HEAD_INIT, "_C",

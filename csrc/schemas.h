@@ -69,9 +69,15 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "triplet_mine(Tensor dist, Tensor labels, Tensor ref_labels, float margin, int mining, "
       "bool self_ref) -> (Tensor anchors, Tensor positives, Tensor negatives)");
-  // squared [N, M] (Gram-form squared distances of the rows of x and ref) with the entries
-  // where close holds recomputed exactly from differences.
-  m.def("pairwise_distance_refine(Tensor squared, Tensor close, Tensor x, Tensor ref) -> Tensor");
+
+  // Euclidean distances [N, M] between the rows of x and ref (squared: without the square
+  // root) from one GEMM, recomputed from differences where the Gram form cancels; self_ref:
+  // ref is x, and the diagonal is 0. The backward returns d loss / d x and d loss / d ref
+  // (empty [0, D] when not wanted).
+  m.def("pairwise_distance(Tensor x, Tensor ref, bool self_ref, bool squared) -> Tensor");
+  m.def(
+      "pairwise_distance_backward(Tensor grad, Tensor dist, Tensor x, Tensor ref, bool squared, "
+      "bool x_grad=True, bool ref_grad=True) -> (Tensor grad_x, Tensor grad_ref)");
 }
 
 }  // namespace facekernels

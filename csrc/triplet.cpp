@@ -1,10 +1,6 @@
 #include "triplet.h"
 
-#include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
-
-#include <algorithm>
 
 #include "common/checks.h"
 
@@ -26,6 +22,8 @@ TripletInputs triplet_setup(const char* op, const at::Tensor& dist, const at::Te
                       "], got ", t.sizes());
     check_same_device(op, name, t, dist);
   };
+  TORCH_CHECK_VALUE(dist.size(1) <= INT32_MAX, op, ": dist must have fewer than 2^31 columns, got ",
+                    dist.sizes());
   check_label_vector("labels", labels, dist.size(0));
   check_label_vector("ref_labels", ref_labels, dist.size(1));
   TripletInputs in;
@@ -72,39 +70,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mine_impl(
   at::Tensor negatives = at::empty({total}, labels.options());
   kernels.fill(in, margin, mining, offsets, anchors, positives, negatives);
   return {anchors, positives, negatives};
-}
-
-at::Tensor pairwise_distance_refine(const at::Tensor& squared, const at::Tensor& close,
-                                    const at::Tensor& x, const at::Tensor& ref) {
-  constexpr const char* op = "pairwise_distance_refine";
-  check_defined_floating(op, "squared", squared);
-  check_dim(op, "squared", squared, 2);
-  check_defined_floating(op, "x", x);
-  check_defined_floating(op, "ref", ref);
-  check_dim(op, "x", x, 2);
-  check_dim(op, "ref", ref, 2);
-  TORCH_CHECK_VALUE(close.scalar_type() == at::kBool && close.sizes() == squared.sizes(), op,
-                    ": close must be a bool mask of squared's shape ", squared.sizes());
-  TORCH_CHECK_VALUE(x.size(0) == squared.size(0) && ref.size(0) == squared.size(1) &&
-                        x.size(1) == ref.size(1),
-                    op, ": x ", x.sizes(), " and ref ", ref.sizes(), " do not match squared ",
-                    squared.sizes());
-  check_same_device(op, "close", close, squared);
-  check_same_device(op, "x", x, squared);
-  check_same_device(op, "ref", ref, squared);
-  at::Tensor out = squared.contiguous().clone();
-  const at::Tensor pairs = close.nonzero();  // [K, 2], row-major
-  const auto acc = at::toOpMathType(x.scalar_type());
-  // K x D temporaries, at most ~16M elements at a time.
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(x.size(1), 1));
-  at::Tensor flat = out.view({-1});
-  for (int64_t begin = 0; begin < pairs.size(0); begin += chunk) {
-    const at::Tensor part = pairs.slice(0, begin, std::min(begin + chunk, pairs.size(0)));
-    const at::Tensor rows = part.select(1, 0), cols = part.select(1, 1);
-    const at::Tensor diff = x.index_select(0, rows).to(acc) - ref.index_select(0, cols).to(acc);
-    flat.index_copy_(0, rows * squared.size(1) + cols, diff.square().sum(1).to(out.scalar_type()));
-  }
-  return out;
 }
 
 }  // namespace facekernels

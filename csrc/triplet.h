@@ -169,12 +169,6 @@ C10_HOST_DEVICE inline void hardest_scan(const AnchorRow<scalar_t>& row, int64_t
 
 // Device-neutral parts (triplet.cpp).
 
-// squared [N, M] with the entries where `close` holds recomputed as sum_k (x_ik - ref_jk)^2,
-// accumulated in opmath: where |x|^2 + |y|^2 - 2<x, y> cancels, the Gram form keeps only
-// about sqrt(eps) of a small distance.
-at::Tensor pairwise_distance_refine(const at::Tensor& squared, const at::Tensor& close,
-                                    const at::Tensor& x, const at::Tensor& ref);
-
 struct TripletInputs {
   at::Tensor dist;                   // contiguous [N, M]
   at::Tensor labels, ref_labels;     // contiguous int64

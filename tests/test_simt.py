@@ -280,6 +280,27 @@ def test_triplet_kernels_match_the_cpu_kernels(case, mining, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("self_ref, squared", [(True, False), (True, True), (False, False)])
+def test_distance_kernels_match_the_cpu_kernels(dtype, self_ref, squared):
+    """One element math on both devices, the ATen parts alike: equal, bit for bit."""
+    g = generator(3)
+    x = torch.nn.functional.normalize(torch.randn(37, 16, generator=g, dtype=torch.float64), dim=1)
+    x[5] = x[2]  # distance 0 off the diagonal
+    x[7] = torch.nn.functional.normalize(x[3] + 1e-3 * torch.randn(16, generator=g, dtype=torch.float64), dim=0)
+    x[11, 4] = math.nan
+    x = x.to(dtype)
+    # Another reference set that shares rows with x: its close pairs are refined too.
+    ref = x if self_ref else torch.cat([x[:9], torch.randn(291, 16, generator=g, dtype=dtype)])
+    dist, emulated = both("pairwise_distance", x, ref, self_ref, squared)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(emulated, dist, **exact)
+    assert dist.isnan().any() and (dist == 0).sum() > (len(x) if self_ref else 0)
+    grad = torch.randn(dist.shape, generator=g, dtype=torch.float64).to(dtype)
+    for cpu_grad, emulated_grad in zip(*both("pairwise_distance_backward", grad, dist, x, ref, squared)):
+        torch.testing.assert_close(emulated_grad, cpu_grad, **exact)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, dim", [(1, 5), (37, 300)])
 def test_center_loss_matches_the_cpu_kernels(n, dim, dtype):
     g = generator(n)

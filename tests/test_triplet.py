@@ -373,13 +373,14 @@ def test_a_nan_embedding_gives_a_nan_loss(device, mining):
         assert keep(with_nan) == keep(facekernels.mine_triplets(clean, labels, type_of_triplets=mining))
 
 
-def test_refine_opcheck(device):
-    z = near_duplicates(1e-3, device)[:20]
-    norms = (z * z).sum(1, keepdim=True) + (z * z).sum(1)
-    squared = (norms - 2 * z @ z.t()).requires_grad_()
-    close = squared < 0.5 * norms
-    torch.library.opcheck(torch.ops.facekernels.pairwise_distance_refine.default,
-                          (squared, close, z, z))
+@pytest.mark.parametrize("self_ref, squared", [(True, False), (False, False), (False, True)])
+def test_distance_opcheck(device, self_ref, squared):
+    z = near_duplicates(1e-3, device)[:20].requires_grad_()
+    ref = z if self_ref else near_duplicates(1e-2, device)[5:17].requires_grad_()
+    torch.library.opcheck(torch.ops.facekernels.pairwise_distance.default, (z, ref, self_ref, squared))
+    dist = torch.ops.facekernels.pairwise_distance(z, ref, self_ref, squared)
+    torch.library.opcheck(torch.ops.facekernels.pairwise_distance_backward.default,
+                          (torch.randn_like(dist), dist.detach(), z.detach(), ref.detach(), squared))
 
 
 def test_huge_fp32_norms_are_normalized_not_zeroed(device):

@@ -3,7 +3,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/vector_math.h"
@@ -57,43 +59,59 @@ class AnchorColumns {
   std::vector<acc_t> negative_, converted_;
 };
 
-// One positive pair's hinge terms over every column: the sums, and the slopes of the
-// negatives subtracted from g. The slopes are 0 or 1, so the gradient sums are exact
-// integers whatever the order; the loss is summed lane by lane.
+// Two positive pairs' hinge terms over every column, one read of the columns serving both:
+// their sums, and the slopes of the negatives subtracted from g. The slopes are 0 or 1, so
+// the gradient sums are exact integers whatever the order; each loss is summed lane by
+// lane. Counts are int32 (the columns are fewer than 2^31, triplet_setup checks), as wide
+// as the float lanes.
 template <typename acc_t>
 struct HingeSums {
-  acc_t loss = 0, slope = 0;
-  int64_t active = 0, count = 0;
+  acc_t loss, slope;
+  int32_t active, count;
 };
 
 template <typename acc_t>
-FK_INLINE HingeSums<acc_t> hinge_columns_impl(const TripletWindow<acc_t> window, acc_t margin,
-                                              acc_t d_ap, const acc_t* __restrict__ dist,
+struct HingePair {
+  HingeSums<acc_t> first, second;
+};
+
+// The rule a compile-time constant, so that the window's open sides fold away.
+template <int64_t mining, typename acc_t>
+FK_INLINE HingePair<acc_t> hinge_columns_impl(acc_t margin, acc_t d_ap1, acc_t d_ap2,
+                                              const acc_t* __restrict__ dist,
                                               const acc_t* __restrict__ negative,
                                               acc_t* __restrict__ g, int64_t m) {
-  acc_t loss = 0, slope_sum = 0;
-  int64_t active = 0, count = 0;
-#pragma omp simd reduction(+ : loss, slope_sum, active, count)
+  const TripletWindow<acc_t> window = TripletRule<acc_t>{margin, mining, false}.window();
+  acc_t loss1 = 0, loss2 = 0, slope1 = 0, slope2 = 0;
+  int32_t active1 = 0, active2 = 0, count1 = 0, count2 = 0;
+#pragma omp simd reduction(+ : loss1, loss2, slope1, slope2, active1, active2, count1, count2)
   for (int64_t n = 0; n < m; ++n) {
-    const bool mined = (negative[n] != acc_t(0)) & window.contains(dist[n] - d_ap);
-    const acc_t v = d_ap - dist[n] + margin;  // TripletRule::term's relu, as a select
-    const bool hinge = mined & (v > acc_t(0));
-    const acc_t slope = hinge ? acc_t(1) : acc_t(0);
-    loss += hinge ? v : acc_t(0);
-    slope_sum += slope;
-    active += hinge ? 1 : 0;
-    count += mined ? 1 : 0;
-    g[n] -= slope;
+    const acc_t d = dist[n];
+    const bool is_negative = negative[n] != acc_t(0);
+    const bool mined1 = is_negative & window.contains(d - d_ap1);
+    const bool mined2 = is_negative & window.contains(d - d_ap2);
+    const acc_t v1 = d_ap1 - d + margin, v2 = d_ap2 - d + margin;  // TripletRule::term's relu
+    const bool hinge1 = mined1 & (v1 > acc_t(0)), hinge2 = mined2 & (v2 > acc_t(0));
+    const acc_t s1 = hinge1 ? acc_t(1) : acc_t(0), s2 = hinge2 ? acc_t(1) : acc_t(0);
+    loss1 += hinge1 ? v1 : acc_t(0);
+    loss2 += hinge2 ? v2 : acc_t(0);
+    slope1 += s1;
+    slope2 += s2;
+    active1 += hinge1 ? 1 : 0;
+    active2 += hinge2 ? 1 : 0;
+    count1 += mined1 ? 1 : 0;
+    count2 += mined2 ? 1 : 0;
+    g[n] -= s1 + s2;
   }
-  return {loss, slope_sum, active, count};
+  return {{loss1, slope1, active1, count1}, {loss2, slope2, active2, count2}};
 }
 
 // How many columns a threshold rule mines for one positive pair.
 template <typename acc_t>
-FK_INLINE int64_t mined_columns_impl(const TripletWindow<acc_t> window, acc_t d_ap,
+FK_INLINE int32_t mined_columns_impl(const TripletWindow<acc_t> window, acc_t d_ap,
                                      const acc_t* __restrict__ dist,
                                      const acc_t* __restrict__ negative, int64_t m) {
-  int64_t count = 0;
+  int32_t count = 0;
 #pragma omp simd reduction(+ : count)
   for (int64_t n = 0; n < m; ++n) {
     count += ((negative[n] != acc_t(0)) & window.contains(dist[n] - d_ap)) ? 1 : 0;
@@ -102,21 +120,39 @@ FK_INLINE int64_t mined_columns_impl(const TripletWindow<acc_t> window, acc_t d_
 }
 
 // The vector loops, one instance per accumulate type, compiled per vector width.
-FK_VECTOR_CLONES HingeSums<float> hinge_columns(const TripletWindow<float>& window,
-                                                float margin, float d_ap, const float* dist,
+template <typename acc_t>
+FK_INLINE HingePair<acc_t> hinge_columns_by_rule(int64_t mining, acc_t margin, acc_t d_ap1,
+                                                 acc_t d_ap2, const acc_t* dist,
+                                                 const acc_t* negative, acc_t* g, int64_t m) {
+  switch (mining) {
+    case kMineHard:
+      return hinge_columns_impl<kMineHard>(margin, d_ap1, d_ap2, dist, negative, g, m);
+    case kMineSemihard:
+      return hinge_columns_impl<kMineSemihard>(margin, d_ap1, d_ap2, dist, negative, g, m);
+    case kMineEasy:
+      return hinge_columns_impl<kMineEasy>(margin, d_ap1, d_ap2, dist, negative, g, m);
+    case kMineEvery:
+      return hinge_columns_impl<kMineEvery>(margin, d_ap1, d_ap2, dist, negative, g, m);
+    default:
+      return hinge_columns_impl<kMineAll>(margin, d_ap1, d_ap2, dist, negative, g, m);
+  }
+}
+
+FK_VECTOR_CLONES HingePair<float> hinge_columns(int64_t mining, float margin, float d_ap1,
+                                                float d_ap2, const float* dist,
                                                 const float* negative, float* g, int64_t m) {
-  return hinge_columns_impl(window, margin, d_ap, dist, negative, g, m);
+  return hinge_columns_by_rule(mining, margin, d_ap1, d_ap2, dist, negative, g, m);
 }
-FK_VECTOR_CLONES HingeSums<double> hinge_columns(const TripletWindow<double>& window,
-                                                 double margin, double d_ap, const double* dist,
+FK_VECTOR_CLONES HingePair<double> hinge_columns(int64_t mining, double margin, double d_ap1,
+                                                 double d_ap2, const double* dist,
                                                  const double* negative, double* g, int64_t m) {
-  return hinge_columns_impl(window, margin, d_ap, dist, negative, g, m);
+  return hinge_columns_by_rule(mining, margin, d_ap1, d_ap2, dist, negative, g, m);
 }
-FK_VECTOR_CLONES int64_t mined_columns(const TripletWindow<float>& window, float d_ap,
+FK_VECTOR_CLONES int32_t mined_columns(const TripletWindow<float>& window, float d_ap,
                                        const float* dist, const float* negative, int64_t m) {
   return mined_columns_impl(window, d_ap, dist, negative, m);
 }
-FK_VECTOR_CLONES int64_t mined_columns(const TripletWindow<double>& window, double d_ap,
+FK_VECTOR_CLONES int32_t mined_columns(const TripletWindow<double>& window, double d_ap,
                                        const double* dist, const double* negative, int64_t m) {
   return mined_columns_impl(window, d_ap, dist, negative, m);
 }
@@ -186,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_margin_forwar
     int64_t* count_p = count.mutable_data_ptr<int64_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       AnchorColumns<scalar_t, acc_t> columns(in.dist.size(1));
+      std::vector<std::pair<int64_t, acc_t>> positives;  // (p, d_ap)
       for (int64_t a = begin; a < end; ++a) {
         const AnchorRow<scalar_t> row = anchor_row<scalar_t>(in, a);
         acc_t* g_row = g + a * row.m;
@@ -193,15 +230,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_margin_forwar
         int64_t nonzero = 0, triplets = 0;
         if (!smooth && vector_mining(mining)) {
           columns.load(row);
-          const TripletWindow<acc_t> window = rule.window();
-          for_each_positive<scalar_t, acc_t>(row, [&](int64_t p, acc_t d_ap) {
-            const HingeSums<acc_t> s = hinge_columns(window, rule.margin, d_ap, columns.dist,
-                                                     columns.negative, g_row, row.m);
+          positives.clear();
+          for_each_positive<scalar_t, acc_t>(
+              row, [&](int64_t p, acc_t d_ap) { positives.emplace_back(p, d_ap); });
+          const auto add = [&](const HingeSums<acc_t>& s, int64_t p) {
             sum += s.loss;
             nonzero += s.active;
             triplets += s.count;
             g_row[p] += s.slope;
-          });
+          };
+          // In pairs; an odd last positive goes with a NaN stand-in, which mines no hinge
+          // term (its sums are dropped).
+          for (size_t k = 0; k < positives.size(); k += 2) {
+            const bool paired = k + 1 < positives.size();
+            const HingePair<acc_t> s = hinge_columns(
+                mining, rule.margin, positives[k].second,
+                paired ? positives[k + 1].second : std::numeric_limits<acc_t>::quiet_NaN(),
+                columns.dist, columns.negative, g_row, row.m);
+            add(s.first, positives[k].first);
+            if (paired) {
+              add(s.second, positives[k + 1].first);
+            }
+          }
         } else {
           // Each grad entry sums its slopes in the order of visits, (p, n) ascending.
           for_each_triplet(row, rule, [&](int64_t p, int64_t neg) {
