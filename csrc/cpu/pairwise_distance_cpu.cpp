@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -93,7 +94,7 @@ void for_rows(const at::Tensor& t, Body body) {
 }
 
 // The close flags row by row with their counts, then their flat indices gathered in order
-// (a scan where ATen's nonzero took 3 ns an element).
+// (memchr, where ATen's nonzero took 3 ns an element).
 at::Tensor gram_cpu(at::Tensor& squared, const at::Tensor& norm_x, const at::Tensor& norm_ref) {
   const int64_t n = squared.size(0);
   at::Tensor close = at::empty(squared.sizes(), squared.options().dtype(at::kBool));
@@ -111,11 +112,11 @@ at::Tensor gram_cpu(at::Tensor& squared, const at::Tensor& norm_x, const at::Ten
   at::Tensor index = at::empty({starts[n]}, squared.options().dtype(at::kLong));
   int64_t* out = index.mutable_data_ptr<int64_t>();
   for_rows(squared, [&](int64_t i, int64_t m) {
-    int64_t at = starts[i];
-    for (int64_t j = i * m; at < starts[i + 1]; ++j) {
-      if (c[j]) {
-        out[at++] = j;
-      }
+    const auto* row = reinterpret_cast<const unsigned char*>(c + i * m);  // true is 1
+    const unsigned char* next = row;
+    for (int64_t at = starts[i]; at < starts[i + 1]; ++at, ++next) {
+      next = static_cast<const unsigned char*>(std::memchr(next, 1, row + m - next));
+      out[at] = i * m + (next - row);
     }
   });
   return index;
