@@ -59,29 +59,54 @@ class AnchorColumns {
   std::vector<acc_t> negative_, converted_;
 };
 
-// Two positive pairs' hinge terms over every column, one read of the columns serving both:
-// their sums, and the slopes of the negatives subtracted from g. The slopes are 0 or 1, so
-// the gradient sums are exact integers whatever the order; each loss is summed lane by
-// lane. Counts are int32 (the columns are fewer than 2^31, triplet_setup checks), as wide
-// as the float lanes.
+// A mined triplet's loss and its slope d loss / d d_ap, as selects (0 and 0 when not
+// mined): TripletRule::term in the vector loops. The relu as is; the softplus as
+// max(v, 0) + log1p(exp(-|v|)) (log1p(exp(v)) to a few epsilons, without overflow) with
+// slope sigmoid(v), linear past v > 20 as torch's.
 template <typename acc_t>
-struct HingeSums {
+struct TermValue {
+  acc_t value, slope;
+};
+
+template <bool smooth, typename acc_t>
+FK_INLINE TermValue<acc_t> vector_term(acc_t v, bool mined) {
+  if constexpr (!smooth) {
+    const bool hinge = mined & (v > acc_t(0));
+    return {hinge ? v : acc_t(0), hinge ? acc_t(1) : acc_t(0)};
+  } else {
+    // Not mined: v = -inf, whose softplus and slope are 0 (a NaN v is masked too).
+    const acc_t x = mined ? v : -std::numeric_limits<acc_t>::infinity();
+    const acc_t w = vector_exp(x < acc_t(0) ? x : -x);  // exp(-|x|); NaN stays NaN
+    const acc_t inverse = acc_t(1) / (acc_t(1) + w);
+    const acc_t value = (x > acc_t(0) ? x : acc_t(0)) + vector_log1p_unit(w);
+    const acc_t slope = x >= acc_t(0) ? inverse : w * inverse;
+    return {x > acc_t(20) ? x : value, x > acc_t(20) ? acc_t(1) : slope};
+  }
+}
+
+// Two positive pairs' terms over every column, one read of the columns serving both: their
+// sums, and the slopes of the negatives subtracted from g. With the relu the slopes are 0
+// or 1, so the gradient sums are exact integers whatever the order; each loss is summed
+// lane by lane. Counts are int32 (the columns are fewer than 2^31, triplet_setup checks),
+// as wide as the float lanes.
+template <typename acc_t>
+struct TermSums {
   acc_t loss, slope;
   int32_t active, count;
 };
 
 template <typename acc_t>
-struct HingePair {
-  HingeSums<acc_t> first, second;
+struct TermPair {
+  TermSums<acc_t> first, second;
 };
 
-// The rule a compile-time constant, so that the window's open sides fold away.
-template <int64_t mining, typename acc_t>
-FK_INLINE HingePair<acc_t> hinge_columns_impl(acc_t margin, acc_t d_ap1, acc_t d_ap2,
-                                              const acc_t* __restrict__ dist,
-                                              const acc_t* __restrict__ negative,
-                                              acc_t* __restrict__ g, int64_t m) {
-  const TripletWindow<acc_t> window = TripletRule<acc_t>{margin, mining, false}.window();
+// The rule and the loss compile-time constants, so that the window's open sides fold away.
+template <int64_t mining, bool smooth, typename acc_t>
+FK_INLINE TermPair<acc_t> triplet_columns_impl(acc_t margin, acc_t d_ap1, acc_t d_ap2,
+                                               bool paired, const acc_t* __restrict__ dist,
+                                               const acc_t* __restrict__ negative,
+                                               acc_t* __restrict__ g, int64_t m) {
+  const TripletWindow<acc_t> window = TripletRule<acc_t>{margin, mining, smooth}.window();
   acc_t loss1 = 0, loss2 = 0, slope1 = 0, slope2 = 0;
   int32_t active1 = 0, active2 = 0, count1 = 0, count2 = 0;
 #pragma omp simd reduction(+ : loss1, loss2, slope1, slope2, active1, active2, count1, count2)
@@ -89,19 +114,18 @@ FK_INLINE HingePair<acc_t> hinge_columns_impl(acc_t margin, acc_t d_ap1, acc_t d
     const acc_t d = dist[n];
     const bool is_negative = negative[n] != acc_t(0);
     const bool mined1 = is_negative & window.contains(d - d_ap1);
-    const bool mined2 = is_negative & window.contains(d - d_ap2);
-    const acc_t v1 = d_ap1 - d + margin, v2 = d_ap2 - d + margin;  // TripletRule::term's relu
-    const bool hinge1 = mined1 & (v1 > acc_t(0)), hinge2 = mined2 & (v2 > acc_t(0));
-    const acc_t s1 = hinge1 ? acc_t(1) : acc_t(0), s2 = hinge2 ? acc_t(1) : acc_t(0);
-    loss1 += hinge1 ? v1 : acc_t(0);
-    loss2 += hinge2 ? v2 : acc_t(0);
-    slope1 += s1;
-    slope2 += s2;
-    active1 += hinge1 ? 1 : 0;
-    active2 += hinge2 ? 1 : 0;
+    const bool mined2 = is_negative & paired & window.contains(d - d_ap2);
+    const TermValue<acc_t> t1 = vector_term<smooth>(d_ap1 - d + margin, mined1);
+    const TermValue<acc_t> t2 = vector_term<smooth>(d_ap2 - d + margin, mined2);
+    loss1 += t1.value;
+    loss2 += t2.value;
+    slope1 += t1.slope;
+    slope2 += t2.slope;
+    active1 += t1.value > acc_t(0) ? 1 : 0;
+    active2 += t2.value > acc_t(0) ? 1 : 0;
     count1 += mined1 ? 1 : 0;
     count2 += mined2 ? 1 : 0;
-    g[n] -= s1 + s2;
+    g[n] -= t1.slope + t2.slope;
   }
   return {{loss1, slope1, active1, count1}, {loss2, slope2, active2, count2}};
 }
@@ -119,35 +143,40 @@ FK_INLINE int32_t mined_columns_impl(const TripletWindow<acc_t> window, acc_t d_
   return count;
 }
 
-// The vector loops, one instance per accumulate type, compiled per vector width.
-template <typename acc_t>
-FK_INLINE HingePair<acc_t> hinge_columns_by_rule(int64_t mining, acc_t margin, acc_t d_ap1,
-                                                 acc_t d_ap2, const acc_t* dist,
-                                                 const acc_t* negative, acc_t* g, int64_t m) {
+template <bool smooth, typename acc_t>
+FK_INLINE TermPair<acc_t> triplet_columns_by_rule(int64_t mining, acc_t margin, acc_t d_ap1,
+                                                  acc_t d_ap2, bool paired, const acc_t* dist,
+                                                  const acc_t* negative, acc_t* g, int64_t m) {
+#define FK_COLUMNS(rule) \
+  triplet_columns_impl<rule, smooth>(margin, d_ap1, d_ap2, paired, dist, negative, g, m)
   switch (mining) {
     case kMineHard:
-      return hinge_columns_impl<kMineHard>(margin, d_ap1, d_ap2, dist, negative, g, m);
+      return FK_COLUMNS(kMineHard);
     case kMineSemihard:
-      return hinge_columns_impl<kMineSemihard>(margin, d_ap1, d_ap2, dist, negative, g, m);
+      return FK_COLUMNS(kMineSemihard);
     case kMineEasy:
-      return hinge_columns_impl<kMineEasy>(margin, d_ap1, d_ap2, dist, negative, g, m);
+      return FK_COLUMNS(kMineEasy);
     case kMineEvery:
-      return hinge_columns_impl<kMineEvery>(margin, d_ap1, d_ap2, dist, negative, g, m);
+      return FK_COLUMNS(kMineEvery);
     default:
-      return hinge_columns_impl<kMineAll>(margin, d_ap1, d_ap2, dist, negative, g, m);
+      return FK_COLUMNS(kMineAll);
   }
+#undef FK_COLUMNS
 }
 
-FK_VECTOR_CLONES HingePair<float> hinge_columns(int64_t mining, float margin, float d_ap1,
-                                                float d_ap2, const float* dist,
-                                                const float* negative, float* g, int64_t m) {
-  return hinge_columns_by_rule(mining, margin, d_ap1, d_ap2, dist, negative, g, m);
-}
-FK_VECTOR_CLONES HingePair<double> hinge_columns(int64_t mining, double margin, double d_ap1,
-                                                 double d_ap2, const double* dist,
-                                                 const double* negative, double* g, int64_t m) {
-  return hinge_columns_by_rule(mining, margin, d_ap1, d_ap2, dist, negative, g, m);
-}
+// The vector loops, one instance per accumulate type and loss, compiled per vector width
+// (the relu's and the softplus's loops in one function, GCC left the relu's scalar).
+#define FK_TRIPLET_COLUMNS(name, smooth, T)                                                  \
+  FK_VECTOR_CLONES TermPair<T> name(int64_t mining, T margin, T d_ap1, T d_ap2, bool paired, \
+                                    const T* dist, const T* negative, T* g, int64_t m) {     \
+    return triplet_columns_by_rule<smooth>(mining, margin, d_ap1, d_ap2, paired, dist,      \
+                                           negative, g, m);                                  \
+  }
+FK_TRIPLET_COLUMNS(hinge_columns, false, float)
+FK_TRIPLET_COLUMNS(hinge_columns, false, double)
+FK_TRIPLET_COLUMNS(softplus_columns, true, float)
+FK_TRIPLET_COLUMNS(softplus_columns, true, double)
+#undef FK_TRIPLET_COLUMNS
 FK_VECTOR_CLONES int32_t mined_columns(const TripletWindow<float>& window, float d_ap,
                                        const float* dist, const float* negative, int64_t m) {
   return mined_columns_impl(window, d_ap, dist, negative, m);
@@ -228,25 +257,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_margin_forwar
         acc_t* g_row = g + a * row.m;
         acc_t sum = 0;
         int64_t nonzero = 0, triplets = 0;
-        if (!smooth && vector_mining(mining)) {
+        if (vector_mining(mining)) {
           columns.load(row);
           positives.clear();
           for_each_positive<scalar_t, acc_t>(
               row, [&](int64_t p, acc_t d_ap) { positives.emplace_back(p, d_ap); });
-          const auto add = [&](const HingeSums<acc_t>& s, int64_t p) {
+          const auto add = [&](const TermSums<acc_t>& s, int64_t p) {
             sum += s.loss;
             nonzero += s.active;
             triplets += s.count;
             g_row[p] += s.slope;
           };
-          // In pairs; an odd last positive goes with a NaN stand-in, which mines no hinge
-          // term (its sums are dropped).
+          // In pairs; an odd last positive goes alone (paired false: the second mines
+          // nothing).
           for (size_t k = 0; k < positives.size(); k += 2) {
             const bool paired = k + 1 < positives.size();
-            const HingePair<acc_t> s = hinge_columns(
-                mining, rule.margin, positives[k].second,
-                paired ? positives[k + 1].second : std::numeric_limits<acc_t>::quiet_NaN(),
-                columns.dist, columns.negative, g_row, row.m);
+            const acc_t d_ap1 = positives[k].second;
+            const acc_t d_ap2 = positives[paired ? k + 1 : k].second;
+            const TermPair<acc_t> s =
+                smooth ? softplus_columns(mining, rule.margin, d_ap1, d_ap2, paired,
+                                          columns.dist, columns.negative, g_row, row.m)
+                       : hinge_columns(mining, rule.margin, d_ap1, d_ap2, paired, columns.dist,
+                                       columns.negative, g_row, row.m);
             add(s.first, positives[k].first);
             if (paired) {
               add(s.second, positives[k + 1].first);
