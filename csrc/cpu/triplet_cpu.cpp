@@ -61,8 +61,10 @@ class AnchorColumns {
 
 // A mined triplet's loss and its slope d loss / d d_ap, as selects (0 and 0 when not
 // mined): TripletRule::term in the vector loops. The relu as is; the softplus as
-// max(v, 0) + log1p(exp(-|v|)) (log1p(exp(v)) to a few epsilons, without overflow) with
-// slope sigmoid(v), linear past v > 20 as torch's.
+// max(v, 0) + log1p(exp(-|v|)) (log1p(exp(v)) to a few epsilons, without overflow; 0
+// below the normal range of exp, v < -87 in float) with slope sigmoid(v), linear past
+// v > 20 as torch's. The mask goes into the relu's hinge and the softplus's argument:
+// applied to the outputs instead, it kept GCC from if-converting the loops.
 template <typename acc_t>
 struct TermValue {
   acc_t value, slope;
@@ -164,8 +166,7 @@ FK_INLINE TermPair<acc_t> triplet_columns_by_rule(int64_t mining, acc_t margin, 
 #undef FK_COLUMNS
 }
 
-// The vector loops, one instance per accumulate type and loss, compiled per vector width
-// (the relu's and the softplus's loops in one function, GCC left the relu's scalar).
+// The vector loops, one instance per accumulate type and loss, compiled per vector width.
 #define FK_TRIPLET_COLUMNS(name, smooth, T)                                                  \
   FK_VECTOR_CLONES TermPair<T> name(int64_t mining, T margin, T d_ap1, T d_ap2, bool paired, \
                                     const T* dist, const T* negative, T* g, int64_t m) {     \
