@@ -8,6 +8,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/row_grain.h"
 #include "cpu/vector_math.h"
 #include "margin_softmax.h"
 
@@ -21,14 +22,6 @@
 
 namespace facekernels {
 namespace {
-
-// Rows per task: at least this many chunk elements each, so that a small chunk (few
-// classes, or the last one) is not spread over every core for microseconds of work.
-constexpr int64_t kTaskElements = 32768;
-
-int64_t row_grain(int64_t row_elements) {
-  return std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, row_elements));
-}
 
 // What one chunk of one row adds to the forward's row state.
 template <typename acc_t>

@@ -3,11 +3,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <vector>
 
+#include "cpu/row_grain.h"
 #include "cpu/vector_math.h"
 #include "pairwise_distance.h"
 
@@ -81,16 +81,15 @@ FK_DISTANCE_ROWS(float)
 FK_DISTANCE_ROWS(double)
 #undef FK_DISTANCE_ROWS
 
-// Rows per task: at least 32K elements each, so that a small matrix is not spread thin.
+// body(i, m) for every row i of t, rows split across threads by row_grain.
 template <typename Body>
 void for_rows(const at::Tensor& t, Body body) {
   const int64_t m = t.size(1);
-  at::parallel_for(0, t.size(0), std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(m, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t i = begin; i < end; ++i) {
-                       body(i, m);
-                     }
-                   });
+  at::parallel_for(0, t.size(0), row_grain(m), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      body(i, m);
+    }
+  });
 }
 
 // The close flags row by row with their counts, then their flat indices gathered in order

@@ -41,10 +41,8 @@ __global__ void slopes_kernel(scalar_t* out, const scalar_t* grad, const scalar_
   }
 }
 
-unsigned int element_blocks(const at::Tensor& t) {
-  const int64_t blocks = (t.numel() + kThreads - 1) / kThreads;
-  TORCH_CHECK_VALUE(blocks <= INT32_MAX, "pairwise_distance: too many pairs, got ", t.sizes());
-  return static_cast<unsigned int>(blocks);
+unsigned int blocks(const at::Tensor& t) {
+  return element_blocks("pairwise_distance", t, kThreads);
 }
 
 #define FK_DISPATCH(t, name, ...) \
@@ -53,7 +51,7 @@ unsigned int element_blocks(const at::Tensor& t) {
 at::Tensor gram_cuda(at::Tensor& squared, const at::Tensor& norm_x, const at::Tensor& norm_ref) {
   at::Tensor close = at::empty(squared.sizes(), squared.options().dtype(at::kBool));
   FK_DISPATCH(squared, "pairwise_distance_gram_cuda", [&] {
-    FK_LAUNCH(element_blocks(squared), kThreads, current_stream(), gram_kernel<scalar_t>)(
+    FK_LAUNCH(blocks(squared), kThreads, current_stream(), gram_kernel<scalar_t>)(
         squared.mutable_data_ptr<scalar_t>(), norm_x.const_data_ptr<scalar_t>(),
         norm_ref.const_data_ptr<scalar_t>(), close.mutable_data_ptr<bool>(), squared.size(0),
         squared.size(1));
@@ -64,7 +62,7 @@ at::Tensor gram_cuda(at::Tensor& squared, const at::Tensor& norm_x, const at::Te
 
 void finish_cuda(at::Tensor& squared, bool self_ref) {
   FK_DISPATCH(squared, "pairwise_distance_finish_cuda", [&] {
-    FK_LAUNCH(element_blocks(squared), kThreads, current_stream(), finish_kernel<scalar_t>)(
+    FK_LAUNCH(blocks(squared), kThreads, current_stream(), finish_kernel<scalar_t>)(
         squared.mutable_data_ptr<scalar_t>(), squared.size(0), squared.size(1), self_ref);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -73,7 +71,7 @@ void finish_cuda(at::Tensor& squared, bool self_ref) {
 void slopes_cuda(at::Tensor& out, const at::Tensor& grad, const at::Tensor& dist,
                  bool squared_only) {
   FK_DISPATCH(out, "pairwise_distance_slopes_cuda", [&] {
-    FK_LAUNCH(element_blocks(out), kThreads, current_stream(), slopes_kernel<scalar_t>)(
+    FK_LAUNCH(blocks(out), kThreads, current_stream(), slopes_kernel<scalar_t>)(
         out.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
         dist.const_data_ptr<scalar_t>(), out.numel(), squared_only);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

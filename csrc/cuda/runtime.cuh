@@ -36,3 +36,15 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream();
 }  // namespace facekernels
 
 #endif
+
+namespace facekernels {
+
+// Blocks of `threads` for one thread per element of t (a 1-D grid, whose size is 32-bit).
+inline unsigned int element_blocks(const char* op, const at::Tensor& t, int threads) {
+  const int64_t blocks = (t.numel() + threads - 1) / threads;
+  TORCH_CHECK_VALUE(blocks <= INT32_MAX, op, ": too many elements for one thread each, got ",
+                    t.sizes());
+  return static_cast<unsigned int>(blocks);
+}
+
+}  // namespace facekernels

@@ -281,9 +281,7 @@ __global__ void threshold_mine_kernel(TripletView<scalar_t> v, TripletRule<acc_t
 }
 
 unsigned int pair_blocks(const TripletInputs& in) {
-  const int64_t blocks = (in.dist.numel() + kThreads - 1) / kThreads;
-  TORCH_CHECK_VALUE(blocks <= INT32_MAX, "triplet_mine: dist is too large, got ", in.dist.sizes());
-  return static_cast<unsigned int>(blocks);
+  return element_blocks("triplet_mine", in.dist, kThreads);
 }
 
 #define FK_DISPATCH(dist, name, ...) \
