@@ -7,8 +7,8 @@ and in the order of its sums, so every output agrees to BOUND_EPS epsilons of it
 accumulate type, normwise (relative to the output's largest magnitude); outputs stored in
 half precision agree to one rounding of that type on top. The argmax, the row maxima, the
 target logits and the margins' gradients are the same bits. Measured on AVX-512 over these
-cases: log-sums within 3.4 epsilons, gradients within 22 (the backward GEMMs and the
-normalization's cancellation magnify the exponentials' 1 epsilon).
+cases in fp32: log-sums within 2.4 epsilons, gradients within 2 where the embeddings are
+normalized; through their norms the gradients are ill-conditioned (ILL_CONDITIONED below).
 """
 
 import pytest
@@ -20,6 +20,12 @@ import simt
 pytestmark = pytest.mark.skipif(not simt.enabled, reason="needs the SIMT emulation (FACEKERNELS_SIMT=0)")
 
 BOUND_EPS = 64
+# Through the norm (normalize_embeddings=False) the gradients are ill-conditioned: d loss /
+# d|x_i| = s sum_j (p_ij - y_ij) cos_ij cancels, and both paths lose up to ~110 epsilons
+# against fp64 (measured over seeds), in different directions. There the vector path must be
+# as accurate as the scalar one: its error against the fp64 result on the same inputs at
+# most twice the scalar path's, plus the bound.
+ILL_CONDITIONED = ("grad_embeddings", "grad_weight")
 N, D, C = 37, 24, 203  # odd sizes: vector tails and a chunk boundary inside a vector
 
 # name -> forward options beyond the defaults (ArcFace: kind 0, m2 = 0.5, s = 64).
@@ -80,7 +86,8 @@ def call(options, x, w, y, g):
     return forward + backward
 
 
-def outputs(options, dtype, seed):
+def outputs(options, dtype, seed, compute_dtype=None):
+    """Every output on inputs rounded to dtype, computed in compute_dtype (default dtype)."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(N, D, generator=g, dtype=torch.float64) * 3).to(dtype)
     w = torch.randn(C, D, generator=g, dtype=torch.float64)
@@ -88,7 +95,8 @@ def outputs(options, dtype, seed):
     # Targets near the clamp and exactly at a cosine of 1, where the special cases live.
     w[y[0]] = x[0].double()
     w[y[1]] = -x[1].double()
-    return call(options, x, w.to(dtype), y, g)
+    compute_dtype = compute_dtype or dtype
+    return call(options, x.to(compute_dtype), w.to(dtype).to(compute_dtype), y, g)
 
 
 NAMES = ["row_max", "log_sum", "target_logit", "best_cosine", "predicted",
@@ -115,5 +123,11 @@ def test_vector_epilogue_equals_the_scalar_math(simt_library, case, dtype):
             bound += torch.finfo(v.dtype).eps
         scale = s.double().abs().max().clamp_min(1e-30)
         error = (v.double() - s.double()).abs().max() / scale
+        if name in ILL_CONDITIONED and not options.get("normalize_embeddings", True):
+            exact = outputs(options, dtype, seed=0, compute_dtype=torch.float64)[NAMES.index(name)]
+            vector_error, scalar_error = ((t.double() - exact).abs().max() / scale for t in (v, s))
+            assert vector_error <= 2 * scalar_error + bound, (
+                f"{name}: {vector_error.item():.3g} > 2 x {scalar_error.item():.3g} + {bound:.3g}")
+            continue
         assert error <= bound, f"{name}: {error.item():.3g} > {bound:.3g}"
 
