@@ -302,19 +302,27 @@ class ChunkGemm {
       : unit_(unit), buffer_(at::empty({unit.size(0) * max_rows}, unit.options())) {}
 
   at::Tensor operator()(const at::Tensor& rows) {
-    const int64_t n = unit_.size(0), m = rows.size(0);
-    at::Tensor z = buffer_.narrow(0, 0, n * m).view({n, m});
+    at::Tensor z = view(rows.size(0));
     return at::mm_out(z, unit_, rows.t());
   }
 
+  // The forward's z of this chunk, copied in: the backward overwrites the buffer with dL/dz,
+  // and a graph kept for another backward must find its saved z intact.
+  at::Tensor saved(const at::Tensor& z) { return view(z.size(1)).copy_(z); }
+
  private:
+  at::Tensor view(int64_t m) {
+    const int64_t n = unit_.size(0);
+    return buffer_.narrow(0, 0, n * m).view({n, m});
+  }
+
   const at::Tensor& unit_;
   at::Tensor buffer_;
 };
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
+ForwardOutputs margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const MarginOptions& raw_options, bool labels_in_range, const std::optional<at::Tensor>& rows,
     ForwardEpilogue epilogue) {
@@ -339,14 +347,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_so
                  at::full({n}, -1, labels.options())};
   const at::Tensor labels_c = labels.contiguous();
   ChunkGemm gemm(unit_rows.unit, std::min(options.chunk_size, num_classes) * options.sub_centers);
+  at::Tensor z = at::empty({n, 0}, unit_rows.unit.options());
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
-    const at::Tensor z = gemm(chunk.rows);
+    z = gemm(chunk.rows);
     epilogue(z, chunk.epilogue_inverse(), start, labels_c, unit_rows.scales, options, state);
   }
   return {state.row_max, state.row_sum.log(), state.target_logit, state.best_cosine,
-          state.predicted};
+          state.predicted, z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backward_impl(
@@ -354,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, const MarginOptions& raw_options, bool embeddings_grad,
     bool weight_grad, bool margins_grad, const std::optional<at::Tensor>& rows,
-    BackwardEpilogue epilogue) {
+    const std::optional<at::Tensor>& last_logits, BackwardEpilogue epilogue) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(embeddings, weight, labels, raw_options);
   const MarginOptions options = with_row_inputs(
@@ -374,6 +383,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
   const c10::DeviceGuard device(embeddings.device());
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = classes.count();
+  // The classes of the last chunk, whose z the forward returned.
+  const int64_t last_start =
+      num_classes == 0 ? 0 : (num_classes - 1) / options.chunk_size * options.chunk_size;
+  if (last_logits) {
+    const at::Tensor& z = *last_logits;
+    check_same_device(kOp, "last_logits", z, embeddings);
+    const int64_t columns = (num_classes - last_start) * options.sub_centers;
+    TORCH_CHECK_VALUE(z.scalar_type() == dtype && z.dim() == 2 && z.size(0) == n &&
+                          z.size(1) == columns,
+                      kOp, ": last_logits must be the forward's, ", dtype, " of shape [", n, ", ",
+                      columns, "], got ", z.scalar_type(), " of shape ", z.sizes());
+  }
   const Rows unit_rows = prepare_rows(embeddings, options);
   const auto acc = unit_rows.scales.options();
   // A row whose label is outside a class shard has no target here: its margin gradients are 0.
@@ -401,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const int64_t first = start * options.sub_centers, count = length * options.sub_centers;
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
-    at::Tensor dz = gemm(chunk.rows);
+    at::Tensor dz = last_logits && start == last_start ? gemm.saved(*last_logits) : gemm(chunk.rows);
     epilogue(dz, chunk.epilogue_inverse(), start, labels_c, unit_rows.scales, options, grads);
     if (embeddings_grad) {
       if (gemm_in_acc) {

@@ -320,8 +320,11 @@ using BackwardEpilogue = void (*)(at::Tensor& z, const at::Tensor& inverse, int6
 
 // The device-neutral chunk loops (margin_softmax.cpp); each device passes its epilogue.
 // Forward returns (row_max, log_sum, target_logit, best_cosine, predicted), each [N]: the
-// loss is log_sum + (row_max - target_logit), which keeps a small loss accurate.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_impl(
+// loss is log_sum + (row_max - target_logit), which keeps a small loss accurate; and the
+// last chunk's z, for the backward.
+using ForwardOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+ForwardOutputs margin_softmax_forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const MarginOptions& options, bool labels_in_range, const std::optional<at::Tensor>& rows,
     ForwardEpilogue epilogue);
@@ -333,12 +336,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, const MarginOptions& options, bool embeddings_grad,
     bool weight_grad, bool margins_grad, const std::optional<at::Tensor>& rows,
-    BackwardEpilogue epilogue);
+    const std::optional<at::Tensor>& last_logits, BackwardEpilogue epilogue);
 
 // The ops' entry points (schemas in facekernels.cpp); each device registers them with its
 // own epilogue.
 template <ForwardEpilogue epilogue>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward(
+ForwardOutputs margin_softmax_forward(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     double scale, double m1, double m2, double m3, double lambda, int64_t kind,
     bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t chunk_size,
@@ -365,14 +368,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
     const std::optional<at::Tensor>& rows, double filter, const std::optional<at::Tensor>& row_m2,
     const std::optional<at::Tensor>& row_m3, int64_t sub_centers,
     const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_t,
-    bool margins_grad) {
+    bool margins_grad, const std::optional<at::Tensor>& last_logits) {
   return margin_softmax_backward_impl(
       grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
       {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
        chunk_size, filter, sub_centers, row_m2.value_or(at::Tensor()),
        row_m3.value_or(at::Tensor()), hard_threshold.value_or(at::Tensor()),
        hard_t.value_or(at::Tensor())},
-      embeddings_grad, weight_grad, margins_grad, rows, epilogue);
+      embeddings_grad, weight_grad, margins_grad, rows, last_logits, epilogue);
 }
 
 }  // namespace facekernels

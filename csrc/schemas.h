@@ -35,8 +35,11 @@ inline void define_ops(torch::Library& m) {
   // over its K rows (chunk_size counts classes). hard_threshold, hard_t ([N]): CurricularFace's
   // negatives, a non-target cosine c above row i's threshold becomes c (hard_t_i + c).
   // The loss is log_sum + (row_max - target_logit); row_max is a constant for autograd (the
-  // loss does not depend on it). The backward skips the GEMMs of a gradient that is not
-  // wanted and returns it empty ([0, D], or [0] for the margins).
+  // loss does not depend on it). last_logits: the last chunk's dot products z [N, len * K]
+  // in the GEMM's dtype, which the backward takes back (last_logits) instead of running
+  // that chunk's GEMM again: with one chunk, the backward's GEMMs are the floor's two. The
+  // backward skips the GEMMs of a gradient that is not wanted and returns it empty ([0, D],
+  // or [0] for the margins).
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float scale, "
       "float m1, float m2, float m3, float sphere_lambda, int margin_kind, bool exact_gradient, "
@@ -44,7 +47,7 @@ inline void define_ops(torch::Library& m) {
       "bool labels_in_range=True, Tensor? rows=None, float interclass_filtering_threshold=0.0, "
       "Tensor? row_m2=None, Tensor? row_m3=None, int sub_centers=1, Tensor? hard_threshold=None, "
       "Tensor? hard_t=None) -> (Tensor row_max, Tensor log_sum, Tensor target_logit, Tensor best_cosine, "
-      "Tensor predicted)");
+      "Tensor predicted, Tensor last_logits)");
   m.def(
       "margin_softmax_backward(Tensor grad_log_sum, Tensor grad_target, Tensor embeddings, "
       "Tensor weight, Tensor labels, Tensor row_max, Tensor log_sum, float scale, float m1, "
@@ -53,8 +56,8 @@ inline void define_ops(torch::Library& m) {
       "bool normalize_weight, int chunk_size, bool embeddings_grad=True, bool weight_grad=True, "
       "Tensor? rows=None, float interclass_filtering_threshold=0.0, Tensor? row_m2=None, "
       "Tensor? row_m3=None, int sub_centers=1, Tensor? hard_threshold=None, Tensor? hard_t=None, "
-      "bool margins_grad=False) -> (Tensor grad_embeddings, Tensor grad_weight, Tensor grad_m2, "
-      "Tensor grad_m3)");
+      "bool margins_grad=False, Tensor? last_logits=None) -> (Tensor grad_embeddings, "
+      "Tensor grad_weight, Tensor grad_m2, Tensor grad_m3)");
 
   // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
   // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet, 6 every triplet; positives

@@ -202,7 +202,7 @@ def test_class_shards_combine_to_the_whole(device):
     lse_parts, target_parts = [], []
     for start in (0, 40):
         shard = w[start:start + 50] if start == 40 else w[:40]
-        row_max, log_sum, target, _, _ = op(x, shard, y - start, *args, labels_in_range=False)
+        row_max, log_sum, target = op(x, shard, y - start, *args, labels_in_range=False)[:3]
         lse_parts.append(row_max + log_sum)
         target_parts.append(target)
     loss = torch.logsumexp(torch.stack(lse_parts), 0) - sum(target_parts)
@@ -276,6 +276,74 @@ def test_opcheck(device):
             (torch.rand(9, device=device), -torch.rand(9, device=device), x.detach(), w.detach(),
              y, row_max, log_sum, *options, embeddings_grad, weight_grad),
         )
+
+
+# (classes, chunk_size, extra op arguments): one chunk; several, the last one short; K
+# sub-centers; sampled rows (their last chunk counts rows, not the weight's rows); none.
+LAST_CHUNK_CASES = {
+    "one_chunk": (21, 32, {}),
+    "last_chunk_short": (21, 8, {}),
+    "sub_centers": (24, 3, dict(sub_centers=3)),
+    "rows": (30, 4, dict(rows=torch.tensor([1, 4, 5, 9, 13, 20, 21, 29]))),
+    "no_rows": (30, 4, dict(rows=torch.zeros(0, dtype=torch.long))),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(LAST_CHUNK_CASES))
+def test_the_forwards_last_chunk_spares_the_backward_a_gemm(device, case, dtype):
+    # The backward fed the forward's last z equals the backward that runs that GEMM again,
+    # bit for bit (the same GEMM on the same operands), and leaves the saved z as it was.
+    num_classes, chunk_size, extra = LAST_CHUNK_CASES[case]
+    extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+    k = extra.get("sub_centers", 1)
+    classes = len(extra["rows"]) if "rows" in extra else num_classes // k
+    x, w, y = make_batch(9, 8, num_classes, device, dtype)
+    y = torch.remainder(y, max(classes, 1))
+    options = (16.0, 1.0, 0.5, 0.0, 0.0, 0, True, True, True, chunk_size)
+    ops = torch.ops.facekernels
+    row_max, log_sum, *_, last = ops.margin_softmax_forward(
+        x, w, y, *options, labels_in_range="rows" not in extra, **extra)
+    last_classes = classes - (classes - 1) // chunk_size * chunk_size if classes else 0
+    assert last.dtype == x.dtype and last.shape == (9, last_classes * k)
+    kept = last.clone()
+    grads = [torch.rand(9, device=device, dtype=log_sum.dtype) for _ in range(2)]
+    backward = [
+        ops.margin_softmax_backward(*grads, x, w, y, row_max, log_sum, *options, last_logits=z, **extra)
+        for z in (last, None)
+    ]
+    for saved, recomputed in zip(*backward):
+        assert torch.equal(saved, recomputed)
+    assert torch.equal(last, kept)
+    if classes:  # and the backward does read it: another z, other gradients
+        other = ops.margin_softmax_backward(*grads, x, w, y, row_max, log_sum, *options,
+                                            last_logits=torch.zeros_like(last), **extra)
+        assert not torch.equal(other[0], backward[1][0])
+
+
+def test_a_second_backward_through_the_same_graph_gives_the_same_gradients(device):
+    x, w, y = make_batch(10, 8, 30, device)
+    x.requires_grad_(), w.requires_grad_()
+    loss = facekernels.margin_softmax_loss(x, w, y, m2=0.5, chunk_size=8)
+    first = torch.autograd.grad(loss, (x, w), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, w))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("last, message", [
+    (lambda z: z[:, :-1], r"last_logits must be the forward's, Float of shape \[9, 5\]"),
+    (lambda z: z.double(), "last_logits must be the forward's"),
+    (lambda z: z[:-1], "last_logits must be the forward's"),
+])
+def test_a_foreign_last_chunk_is_an_error(last, message):
+    x, w, y = make_batch(9, 8, 21, "cpu")
+    options = (16.0, 1.0, 0.5, 0.0, 0.0, 0, True, True, True, 8)
+    ops = torch.ops.facekernels
+    row_max, log_sum, *_, z = ops.margin_softmax_forward(x, w, y, *options)
+    with pytest.raises(ValueError, match=message):
+        ops.margin_softmax_backward(torch.rand(9), torch.rand(9), x, w, y, row_max, log_sum, *options,
+                                    last_logits=last(z))
 
 
 def test_a_frozen_input_still_gets_the_other_gradient(device):

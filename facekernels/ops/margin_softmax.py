@@ -62,8 +62,11 @@ def _(embeddings, weight, labels, scale, m1, m2, m3, sphere_lambda, margin_kind,
     check_tensors(embeddings, weight, labels)
     n = embeddings.shape[0]
     acc = accumulate_dtype(embeddings.dtype)
-    rows = [embeddings.new_empty((n,), dtype=acc) for _ in range(4)]
-    return (*rows, embeddings.new_empty((n,), dtype=torch.int64))
+    per_row = [embeddings.new_empty((n,), dtype=acc) for _ in range(4)]
+    classes = weight.shape[0] // sub_centers if rows is None else rows.shape[0]
+    last = classes - (classes - 1) // chunk_size * chunk_size if classes else 0
+    return (*per_row, embeddings.new_empty((n,), dtype=torch.int64),
+            embeddings.new_empty((n, last * sub_centers)))
 
 
 @torch.library.register_fake("facekernels::margin_softmax_backward")
@@ -71,10 +74,11 @@ def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, s
       m3, sphere_lambda, margin_kind, exact_gradient, normalize_embeddings, normalize_weight,
       chunk_size, embeddings_grad=True, weight_grad=True, rows=None,
       interclass_filtering_threshold=0.0, row_m2=None, row_m3=None, sub_centers=1,
-      hard_threshold=None, hard_t=None, margins_grad=False):
+      hard_threshold=None, hard_t=None, margins_grad=False, last_logits=None):
     check_one_device(_OP, embeddings=embeddings, grad_log_sum=grad_log_sum, grad_target=grad_target,
                      weight=weight, labels=labels, row_max=row_max, log_sum=log_sum, rows=rows,
-                     row_m2=row_m2, row_m3=row_m3, hard_threshold=hard_threshold, hard_t=hard_t)
+                     row_m2=row_m2, row_m3=row_m3, hard_threshold=hard_threshold, hard_t=hard_t,
+                     last_logits=last_logits)
 
     def gradient(t, wanted):
         shape = t.shape if wanted else (0, t.shape[1])
@@ -102,15 +106,16 @@ def _setup_context(ctx, inputs, output):
     ctx.options = inputs[3:3 + _NUM_OPTIONS]
     extras = {**_EXTRAS, **dict(zip(_EXTRAS, inputs[4 + _NUM_OPTIONS:]))}
     tensors = [extras.pop(name) for name in ("rows", "row_m2", "row_m3", "hard_threshold", "hard_t")]
-    row_max, log_sum, _, best_cosine, predicted = output
-    ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, *tensors)
+    row_max, log_sum, _, best_cosine, predicted, last_logits = output
+    ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, last_logits, *tensors)
     ctx.extras = extras  # the non-tensor ones
     # row_max only shifts log_sum; the loss log_sum + row_max - target does not depend on it.
-    ctx.mark_non_differentiable(row_max, best_cosine, predicted)
+    ctx.mark_non_differentiable(row_max, best_cosine, predicted, last_logits)
 
 
-def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicted):
-    embeddings, weight, labels, row_max, log_sum, rows, row_m2, row_m3, hard, hard_t = ctx.saved_tensors
+def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicted, grad_last):
+    (embeddings, weight, labels, row_max, log_sum, last_logits, rows, row_m2, row_m3, hard,
+     hard_t) = ctx.saved_tensors
     if grad_log_sum is None:
         grad_log_sum = torch.zeros_like(log_sum)
     if grad_target is None:
@@ -120,7 +125,8 @@ def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicte
     grad_embeddings, grad_weight, grad_m2, grad_m3 = torch.ops.facekernels.margin_softmax_backward(
         grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *ctx.options,
         embeddings_grad=needs[0], weight_grad=needs[1], rows=rows, row_m2=row_m2,
-        row_m3=row_m3, hard_threshold=hard, hard_t=hard_t, margins_grad=margins_grad, **ctx.extras,
+        row_m3=row_m3, hard_threshold=hard, hard_t=hard_t, margins_grad=margins_grad,
+        last_logits=last_logits, **ctx.extras,
     )
     grads = [None] * len(ctx.needs_input_grad)
     grads[0] = grad_embeddings if needs[0] else None
@@ -187,7 +193,7 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
         # The GEMMs run in the autocast dtype; the weight's chunks are cast inside the op,
         # so an fp32 master weight is never copied whole, and its gradient stays fp32.
         embeddings = embeddings.to(torch.get_autocast_dtype(device_type))
-    row_max, log_sum, target_logit, _, predicted = torch.ops.facekernels.margin_softmax_forward(
+    row_max, log_sum, target_logit, _, predicted, _ = torch.ops.facekernels.margin_softmax_forward(
         embeddings,
         weight,
         labels,
