@@ -111,6 +111,8 @@ def _setup_context(ctx, inputs, output):
     ctx.extras = extras  # the non-tensor ones
     # row_max only shifts log_sum; the loss log_sum + row_max - target does not depend on it.
     ctx.mark_non_differentiable(row_max, best_cosine, predicted, last_logits)
+    # Else autograd fills an N x chunk zero gradient for last_logits on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicted, grad_last):
