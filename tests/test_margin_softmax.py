@@ -321,6 +321,28 @@ def test_the_forwards_last_chunk_spares_the_backward_a_gemm(device, case, dtype)
         assert not torch.equal(other[0], backward[1][0])
 
 
+@pytest.mark.parametrize("chunk_size, kept", [(30, True), (8, False)])
+def test_autograd_keeps_the_logits_of_a_single_chunk_only(device, chunk_size, kept):
+    # One chunk: the backward gets the forward's z and runs no logits GEMM. Several: it
+    # recomputes them all, and nothing N x chunk is held between forward and backward.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    backward_op = torch.ops.facekernels.margin_softmax_backward.default
+    position = [a.name for a in backward_op._schema.arguments].index("last_logits")
+    passed = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is backward_op:
+                passed.append(len(args) > position and args[position] is not None)
+            return func(*args, **(kwargs or {}))
+
+    x, w, y = make_batch(10, 8, 30, device)
+    x.requires_grad_(), w.requires_grad_()
+    with Record():
+        facekernels.margin_softmax_loss(x, w, y, m2=0.5, chunk_size=chunk_size).backward()
+    assert passed == [kept]
+
+
 def test_a_second_backward_through_the_same_graph_gives_the_same_gradients(device):
     x, w, y = make_batch(10, 8, 30, device)
     x.requires_grad_(), w.requires_grad_()

@@ -107,12 +107,17 @@ def _setup_context(ctx, inputs, output):
     extras = {**_EXTRAS, **dict(zip(_EXTRAS, inputs[4 + _NUM_OPTIONS:]))}
     tensors = [extras.pop(name) for name in ("rows", "row_m2", "row_m3", "hard_threshold", "hard_t")]
     row_max, log_sum, _, best_cosine, predicted, last_logits = output
-    ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, last_logits, *tensors)
-    ctx.extras = extras  # the non-tensor ones
     # row_max only shifts log_sum; the loss log_sum + row_max - target does not depend on it.
     ctx.mark_non_differentiable(row_max, best_cosine, predicted, last_logits)
     # Else autograd fills an N x chunk zero gradient for last_logits on every backward.
     ctx.set_materialize_grads(False)
+    # The last chunk's z is kept when the classes fit one chunk: then the backward runs no
+    # logits GEMM at all, for N x C extra (at most N x chunk). With more chunks it would
+    # spare a fraction of them and hold N x chunk beyond the backward's own buffer.
+    classes = weight.shape[0] // extras["sub_centers"] if tensors[0] is None else tensors[0].shape[0]
+    kept = last_logits if classes <= ctx.options[-1] else None  # chunk_size
+    ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, kept, *tensors)
+    ctx.extras = extras  # the non-tensor ones
 
 
 def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicted, grad_last):
