@@ -2,7 +2,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
@@ -99,17 +98,6 @@ T dot(const T* a, const T* b, int64_t dim) {
 // where that means a converted copy of the rows, in the accumulate type, then again in
 // double if one came out non-finite. (Squares that underflow do not matter: they are below
 // 1e-38, against a norm at least the floor's 1e-12 or else floored.)
-template <typename T>
-bool row_norms_cpu(const T* rows, int64_t count, int64_t dim, T* norms, T* inverse) {
-  bool finite = true;
-  for (int64_t r = 0; r < count; ++r) {
-    norms[r] = std::sqrt(dot(rows + r * dim, rows + r * dim, dim));
-    inverse[r] = T(1) / std::max(norms[r], T(kNormFloor));
-    finite &= std::isfinite(norms[r]);
-  }
-  return finite;
-}
-
 std::tuple<at::Tensor, at::Tensor> row_norms(const at::Tensor& rows, at::ScalarType dtype) {
   const at::ScalarType acc = at::toOpMathType(dtype);
   if (rows.is_cpu() && acc == rows.scalar_type()) {
@@ -120,11 +108,13 @@ std::tuple<at::Tensor, at::Tensor> row_norms(const at::Tensor& rows, at::ScalarT
     at::Tensor inverse = at::empty_like(norms);
     std::atomic<bool> finite = true;
     AT_DISPATCH_FLOATING_TYPES(acc, "row_norms_cpu", [&] {
-      const int64_t dim = c.size(1);
-      at::parallel_for(0, c.size(0), row_grain(dim), [&](int64_t begin, int64_t end) {
-        if (!row_norms_cpu(c.const_data_ptr<scalar_t>() + begin * dim, end - begin, dim,
-                           norms.mutable_data_ptr<scalar_t>() + begin,
-                           inverse.mutable_data_ptr<scalar_t>() + begin)) {
+      const scalar_t* r = c.const_data_ptr<scalar_t>();
+      scalar_t* norm = norms.mutable_data_ptr<scalar_t>();
+      scalar_t* inv = inverse.mutable_data_ptr<scalar_t>();
+      for_rows(c, [&](int64_t i, int64_t dim) {
+        norm[i] = std::sqrt(dot(r + i * dim, r + i * dim, dim));
+        inv[i] = scalar_t(1) / std::max(norm[i], scalar_t(kNormFloor));
+        if (!std::isfinite(norm[i])) {
           finite = false;
         }
       });
@@ -164,17 +154,14 @@ void remove_component_row(T* __restrict__ h, const T* __restrict__ v, int64_t di
 void remove_component_cpu_(at::Tensor& h, const at::Tensor& v, const at::Tensor& inverse,
                            const at::Tensor& norms, bool unit) {
   TORCH_INTERNAL_ASSERT(h.is_contiguous() && h.scalar_type() == v.scalar_type());
-  const int64_t dim = h.size(1);
   const at::Tensor rows = v.contiguous();
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "remove_component_cpu", [&] {
     scalar_t* hp = h.mutable_data_ptr<scalar_t>();
     const scalar_t* vp = rows.const_data_ptr<scalar_t>();
     const scalar_t* inv = inverse.const_data_ptr<scalar_t>();
     const scalar_t* norm = norms.const_data_ptr<scalar_t>();
-    at::parallel_for(0, h.size(0), row_grain(dim), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        remove_component_row(hp + r * dim, vp + r * dim, dim, inv[r], norm[r], unit);
-      }
+    for_rows(h, [&](int64_t r, int64_t dim) {
+      remove_component_row(hp + r * dim, vp + r * dim, dim, inv[r], norm[r], unit);
     });
   });
 }

@@ -81,17 +81,6 @@ FK_DISTANCE_ROWS(float)
 FK_DISTANCE_ROWS(double)
 #undef FK_DISTANCE_ROWS
 
-// body(i, m) for every row i of t, rows split across threads by row_grain.
-template <typename Body>
-void for_rows(const at::Tensor& t, Body body) {
-  const int64_t m = t.size(1);
-  at::parallel_for(0, t.size(0), row_grain(m), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      body(i, m);
-    }
-  });
-}
-
 // The close flags row by row with their counts, then their flat indices gathered in order
 // (memchr, where ATen's nonzero took 3 ns an element).
 at::Tensor gram_cpu(at::Tensor& squared, const at::Tensor& norm_x, const at::Tensor& norm_ref) {

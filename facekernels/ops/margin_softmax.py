@@ -52,6 +52,11 @@ def accumulate_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _class_count(weight, rows, sub_centers):
+    """The classes the op sees: the weight's, K rows each, or those of `rows`."""
+    return weight.shape[0] // sub_centers if rows is None else rows.shape[0]
+
+
 @torch.library.register_fake("facekernels::margin_softmax_forward")
 def _(embeddings, weight, labels, scale, m1, m2, m3, sphere_lambda, margin_kind, exact_gradient,
       normalize_embeddings, normalize_weight, chunk_size, labels_in_range=True, rows=None,
@@ -63,7 +68,7 @@ def _(embeddings, weight, labels, scale, m1, m2, m3, sphere_lambda, margin_kind,
     n = embeddings.shape[0]
     acc = accumulate_dtype(embeddings.dtype)
     per_row = [embeddings.new_empty((n,), dtype=acc) for _ in range(4)]
-    classes = weight.shape[0] // sub_centers if rows is None else rows.shape[0]
+    classes = _class_count(weight, rows, sub_centers)
     last = classes - (classes - 1) // chunk_size * chunk_size if classes else 0
     return (*per_row, embeddings.new_empty((n,), dtype=torch.int64),
             embeddings.new_empty((n, last * sub_centers)))
@@ -114,7 +119,7 @@ def _setup_context(ctx, inputs, output):
     # The last chunk's z is kept when the classes fit one chunk: then the backward runs no
     # logits GEMM at all, for N x C extra (at most N x chunk). With more chunks it would
     # spare a fraction of them and hold N x chunk beyond the backward's own buffer.
-    classes = weight.shape[0] // extras["sub_centers"] if tensors[0] is None else tensors[0].shape[0]
+    classes = _class_count(weight, tensors[0], extras["sub_centers"])
     kept = last_logits if classes <= ctx.options[-1] else None  # chunk_size
     ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, kept, *tensors)
     ctx.extras = extras  # the non-tensor ones
