@@ -5,6 +5,7 @@ import torch
 
 import facekernels
 from facekernels import reference
+from facekernels.ops.margin_softmax import COMBINED, margin_softmax_rows
 from conftest import assert_argmax, assert_close, assert_no_worse_than_reference
 
 
@@ -378,6 +379,32 @@ def test_a_frozen_input_still_gets_the_other_gradient(device):
     facekernels.margin_softmax_loss(x, w_only, y, m2=0.5).backward()
     assert torch.equal(x_only.grad, both_x.grad)
     assert torch.equal(w_only.grad, both_w.grad)
+
+
+def test_a_direct_call_of_the_op_differentiates_as_the_losses_do(device):
+    """The losses reach the op through their own autograd.Function; a direct call through
+    the wrapper of register_autograd, which gets the arguments with trailing defaults
+    dropped. One setup_context and one backward: the same gradients, per-row margins too."""
+    x, w, y = make_batch(10, 8, 30, device, torch.float64)
+    m2 = torch.rand(10, dtype=torch.float64, device=device)
+    options = dict(kind=COMBINED, scale=16.0, m1=1.0, m2=0.0, m3=0.0, sphere_lambda=0.0,
+                   gradient="exact", normalize_embeddings=True, normalize_weight=True,
+                   chunk_size=8)
+    gradients = []
+    for direct in (False, True):
+        inputs = [t.detach().clone().requires_grad_() for t in (x, w, m2)]
+        if direct:
+            outputs = torch.ops.facekernels.margin_softmax_forward(
+                inputs[0], inputs[1], y, 16.0, 1.0, 0.0, 0.0, 0.0, COMBINED, True, True, True, 8,
+                row_m2=inputs[2])
+        else:
+            outputs = margin_softmax_rows(inputs[0], inputs[1], y, row_m2=inputs[2], **options)
+        row_max, log_sum, target = outputs[:3]
+        loss = (log_sum + row_max - target) @ torch.linspace(0.5, 1.5, 10, dtype=torch.float64, device=device)
+        gradients.append(torch.autograd.grad(loss, inputs))
+    for via_loss, direct in zip(*gradients):
+        assert torch.equal(via_loss, direct)
+    assert gradients[0][2].abs().sum() > 0  # the margins' gradient flows on both paths
 
 
 def test_torch_compile_fullgraph(device):
