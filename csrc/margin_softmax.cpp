@@ -216,10 +216,27 @@ struct WeightChunk {
   at::Tensor rows, inverse, norms;
   bool prescaled;
 
-  // What the epilogue multiplies z by: undefined for raw rows of an unnormalized weight
-  // and for prescaled rows.
-  at::Tensor epilogue_inverse() const { return prescaled ? at::Tensor() : inverse; }
+  // What the epilogue multiplies z by, laid out as z (sub-center-major, see ChunkGemm):
+  // undefined for raw rows of an unnormalized weight and for prescaled rows.
+  at::Tensor epilogue_inverse(int64_t sub_centers) const {
+    if (prescaled || !inverse.defined() || sub_centers == 1) {
+      return prescaled ? at::Tensor() : inverse;
+    }
+    return inverse.view({-1, sub_centers}).t().contiguous().view(-1);
+  }
 };
+
+// Sub-center q's rows of class-major rows [len * K, D]: [len, D], K rows apart (a strided
+// matrix that the GEMMs take as it is).
+at::Tensor sub_center_rows(const at::Tensor& rows, int64_t k, int64_t q) {
+  return k == 1 ? rows : rows.view({-1, k, rows.size(1)}).select(1, q);
+}
+
+// Sub-center q's columns of a sub-center-major z [N, K * len]: [N, len].
+at::Tensor sub_center_columns(const at::Tensor& z, int64_t k, int64_t q) {
+  const int64_t length = z.size(1) / k;
+  return z.narrow(1, q * length, length);
+}
 
 // The classes the op sees: the weight's rows in groups of K sub-centers, all of them or
 // those of the classes `rows` (read chunk by chunk).
@@ -283,15 +300,25 @@ WeightChunk weight_chunk(const Classes& classes, int64_t start, int64_t length,
 }
 
 // z = unit @ rows^T for one chunk, [N, rows], in one buffer that every chunk reuses: a
-// fresh N x chunk tensor per chunk costs its page faults again on a CPU.
+// fresh N x chunk tensor per chunk costs its page faults again on a CPU. With K sub-centers
+// per class, z is sub-center-major (sub-center q of class j in column q * len + j), one GEMM
+// per sub-center: the epilogues then read each pass, and each GPU warp, across classes in
+// contiguous memory, where the weight's class-major order would put the K values side by
+// side and make every read a stride-K gather.
 class ChunkGemm {
  public:
-  ChunkGemm(const at::Tensor& unit, int64_t max_rows)
-      : unit_(unit), buffer_(at::empty({unit.size(0) * max_rows}, unit.options())) {}
+  ChunkGemm(const at::Tensor& unit, int64_t max_rows, int64_t sub_centers)
+      : unit_(unit),
+        buffer_(at::empty({unit.size(0) * max_rows}, unit.options())),
+        sub_centers_(sub_centers) {}
 
   at::Tensor operator()(const at::Tensor& rows) {
     at::Tensor z = view(rows.size(0));
-    return at::mm_out(z, unit_, rows.t());
+    for (int64_t q = 0; q < sub_centers_; ++q) {
+      at::Tensor columns = sub_center_columns(z, sub_centers_, q);
+      at::mm_out(columns, unit_, sub_center_rows(rows, sub_centers_, q).t());
+    }
+    return z;
   }
 
   // The forward's z of this chunk, copied in: the backward overwrites the buffer with dL/dz,
@@ -306,6 +333,7 @@ class ChunkGemm {
 
   const at::Tensor& unit_;
   at::Tensor buffer_;
+  int64_t sub_centers_;
 };
 
 }  // namespace
@@ -334,13 +362,15 @@ ForwardOutputs margin_softmax_forward_impl(
                  at::full({n}, -std::numeric_limits<double>::infinity(), acc),
                  at::full({n}, -1, labels.options())};
   const at::Tensor labels_c = labels.contiguous();
-  ChunkGemm gemm(unit_rows.unit, std::min(options.chunk_size, num_classes) * options.sub_centers);
+  ChunkGemm gemm(unit_rows.unit, std::min(options.chunk_size, num_classes) * options.sub_centers,
+                 options.sub_centers);
   at::Tensor z = at::empty({n, 0}, unit_rows.unit.options());
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
     z = gemm(chunk.rows);
-    epilogue(z, chunk.epilogue_inverse(), start, labels_c, unit_rows.scales, options, state);
+    epilogue(z, chunk.epilogue_inverse(options.sub_centers), start, labels_c, unit_rows.scales,
+             options, state);
   }
   return {state.row_max, state.row_sum.log(), state.target_logit, state.best_cosine,
           state.predicted, z};
@@ -405,26 +435,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
   const bool gemm_in_acc = dtype == acc.dtype().toScalarType();
   const bool direct = weight_grad && !classes.weight_rows && grad_weight.scalar_type() == dtype &&
                       gemm_in_acc;
-  ChunkGemm gemm(unit_rows.unit, std::min(options.chunk_size, num_classes) * options.sub_centers);
+  const int64_t k = options.sub_centers;
+  ChunkGemm gemm(unit_rows.unit, std::min(options.chunk_size, num_classes) * k, k);
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
-    const int64_t first = start * options.sub_centers, count = length * options.sub_centers;
+    const int64_t first = start * k, count = length * k;
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
     at::Tensor dz = last_logits && start == last_start ? gemm.saved(*last_logits) : gemm(chunk.rows);
-    epilogue(dz, chunk.epilogue_inverse(), start, labels_c, unit_rows.scales, options, grads);
+    epilogue(dz, chunk.epilogue_inverse(k), start, labels_c, unit_rows.scales, options, grads);
+    // dz is sub-center-major (see ChunkGemm): the GEMMs go one sub-center at a time, and
+    // the weight's gradient lands in its class-major rows.
     if (embeddings_grad) {
-      if (gemm_in_acc) {
-        grad_unit.addmm_(dz, chunk.rows);
-      } else {
-        grad_unit.add_(at::matmul(dz, chunk.rows));
+      for (int64_t q = 0; q < k; ++q) {
+        const at::Tensor dz_q = sub_center_columns(dz, k, q);
+        const at::Tensor rows_q = sub_center_rows(chunk.rows, k, q);
+        if (gemm_in_acc) {
+          grad_unit.addmm_(dz_q, rows_q);
+        } else {
+          grad_unit.add_(at::matmul(dz_q, rows_q));
+        }
       }
     }
     if (weight_grad) {
-      at::Tensor grad = direct ? grad_weight.narrow(0, first, count) : at::Tensor();
-      if (direct) {
-        at::mm_out(grad, dz.t(), unit_rows.unit);
-      } else {
-        grad = at::matmul(dz.t(), unit_rows.unit).to(acc.dtype());
+      at::Tensor grad = direct ? grad_weight.narrow(0, first, count)
+                               : at::empty({count, unit_rows.unit.size(1)}, acc);
+      for (int64_t q = 0; q < k; ++q) {
+        const at::Tensor dz_q = sub_center_columns(dz, k, q);
+        at::Tensor grad_q = sub_center_rows(grad, k, q);
+        if (direct) {
+          at::mm_out(grad_q, dz_q.t(), unit_rows.unit);
+        } else {
+          grad_q.copy_(at::matmul(dz_q.t(), unit_rows.unit));
+        }
       }
       if (chunk.prescaled) {
         grad = normalize_backward(grad, chunk.rows.to(acc.dtype()), chunk.inverse.unsqueeze(1),

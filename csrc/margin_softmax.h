@@ -58,7 +58,8 @@ struct Margin {
   acc_t filter;         // > 0: a non-target cosine above it gives logit 0 and no gradient
                         // (insightface's interclass filtering of likely mislabeled classes)
   acc_t hard, hard_t;   // CurricularFace: a non-target cosine c > hard becomes c (hard_t + c)
-  int64_t sub_centers;  // K: a class's cosine is the max over its K consecutive weight rows
+  int64_t sub_centers;  // K: a class's cosine is the max over its K consecutive weight rows;
+                        // a chunk's z holds them sub-center-major (see ChunkGemm)
   // Per-row overrides ([N], or null): m2, m3, hard and hard_t.
   const acc_t* row_m2;
   const acc_t* row_m3;
@@ -94,16 +95,16 @@ struct Margin {
     return (!clamp | ((z > -limit) & (z < limit))) ? acc_t(1) : acc_t(0);
   }
 
-  // Class j's cosine from the z of its K sub-centers and their weight rows' inverse norms
-  // (null: the weight is not normalized): the max (a NaN wins, so that it propagates);
-  // `winner` is the sub-center that gave it.
+  // Class j's cosine from the z of its K sub-centers, `stride` apart, and their weight rows'
+  // inverse norms (null: the weight is not normalized), laid out alike: the max (a NaN
+  // wins, so that it propagates); `winner` is the sub-center that gave it.
   template <typename scalar_t>
-  C10_HOST_DEVICE acc_t class_cosine(const scalar_t* z, const acc_t* inverse,
+  C10_HOST_DEVICE acc_t class_cosine(const scalar_t* z, const acc_t* inverse, int64_t stride,
                                      int64_t& winner) const {
     acc_t best = cosine(unclamped(z, inverse, 0));
     winner = 0;
     for (int64_t k = 1; k < sub_centers && best == best; ++k) {
-      const acc_t c = cosine(unclamped(z, inverse, k));
+      const acc_t c = cosine(unclamped(z, inverse, k * stride));
       if (c > best || c != c) {
         best = c;
         winner = k;
@@ -181,18 +182,18 @@ struct RowBackward {
   acc_t scale, max, log_sum, grad_log_sum, grad_target;
 };
 
-// Backward of class j's logit in place over its K sub-centers' z: dL/dz goes to the winning
-// sub-center (times its inverse weight norm, so that the backward GEMMs take the raw weight),
-// 0 to the others. With p = exp(logit - row_max - log_sum),
+// Backward of class j's logit in place over its K sub-centers' z (`stride` apart, as
+// class_cosine reads them): dL/dz goes to the winning sub-center (times its inverse weight
+// norm, so that the backward GEMMs take the raw weight), 0 to the others. With p = exp(logit - row_max - log_sum),
 // dL/dlogit = g_log_sum p + g_target [target]. Adds dL/dlogit * logit / s (= dL/ds for the
 // row) to `scale_grad`; for the target, writes dL/dm2 and dL/dm3 where asked (non-null).
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline void class_backward(const Margin<acc_t>& margin, scalar_t* z,
-                                           const acc_t* inverse, bool is_target,
+                                           const acc_t* inverse, int64_t stride, bool is_target,
                                            const RowBackward<acc_t>& row, acc_t& scale_grad,
                                            acc_t* grad_m2, acc_t* grad_m3) {
   int64_t winner;
-  const acc_t c = margin.class_cosine(z, inverse, winner);
+  const acc_t c = margin.class_cosine(z, inverse, stride, winner);
   acc_t value, slope;
   TargetValue<acc_t> t;
   if (is_target) {
@@ -213,11 +214,11 @@ C10_HOST_DEVICE inline void class_backward(const Margin<acc_t>& margin, scalar_t
   if (is_target && grad_m3 != nullptr) {
     *grad_m3 = grad_logit * row.scale * t.dm3;
   }
-  const acc_t u = Margin<acc_t>::unclamped(z, inverse, winner);
+  const acc_t u = Margin<acc_t>::unclamped(z, inverse, winner * stride);
   const acc_t grad_z = grad_logit * row.scale * slope * margin.cosine_slope(u) *
-                       (inverse != nullptr ? inverse[winner] : acc_t(1));
+                       (inverse != nullptr ? inverse[winner * stride] : acc_t(1));
   for (int64_t k = 0; k < margin.sub_centers; ++k) {
-    z[k] = static_cast<scalar_t>(k == winner ? grad_z : acc_t(0));
+    z[k * stride] = static_cast<scalar_t>(k == winner ? grad_z : acc_t(0));
   }
 }
 

@@ -207,6 +207,40 @@ def test_sub_centers_and_interclass_filtering_together(device):
     assert_argmax(predicted, cos.view(9, 8, 3).amax(2))
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+def test_sub_centers_of_sampled_classes_in_a_strided_weight(device, dtype):
+    """Sub-centers with sampled classes (`rows`) of a weight whose rows are strided (a column
+    slice): the op equals itself on the gathered contiguous rows, forward and backward, over
+    chunks with a short last one (bf16: the backward's GEMMs in bf16, not accumulated)."""
+    x, y = make_batch(9, 6, 5, device)
+    wide = torch.randn(8 * 3, 10, dtype=F64, device=device).to(dtype).requires_grad_()
+    rows = torch.tensor([1, 2, 5, 6, 7], device=device)
+    options = dict(kind=COMBINED, scale=8.0, m1=1.0, m2=0.3, m3=0.0, sphere_lambda=0.0,
+                   gradient="exact", normalize_embeddings=True, normalize_weight=True,
+                   reduction="none", return_predictions=True, chunk_size=2, sub_centers=3)
+    results = []
+    for sampled in (True, False):
+        xi = x.to(dtype).requires_grad_()
+        w = wide[:, 2:8]
+        if sampled:
+            loss, predicted = fused_margin_loss(xi, w, y, rows=rows, **options)
+        else:
+            gathered = w.reshape(8, 3, 6)[rows].reshape(15, 6).contiguous()
+            loss, predicted = fused_margin_loss(xi, gathered, y, **options)
+        results.append((loss, predicted, *torch.autograd.grad(loss.sum(), (xi, wide))))
+    (loss, predicted, gx, gw), (loss_ref, predicted_ref, gx_ref, gw_ref) = results
+    assert torch.equal(predicted, predicted_ref)
+    assert_close(loss, loss_ref)
+    # The same products in either layout: bf16 gradients agree to the last bit or two.
+    for got, want in ((gx, gx_ref), (gw, gw_ref)):
+        if dtype == F64:
+            assert_close(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)
+    assert gw.view(8, 3, 10)[[0, 3, 4]].abs().sum() == 0  # classes not sampled
+    assert gw[:, [0, 1, 8, 9]].abs().sum() == 0  # columns outside the slice
+
+
 def test_opcheck_new_arguments(device):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 5, generator=g).to(device).requires_grad_()

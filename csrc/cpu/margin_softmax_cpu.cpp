@@ -132,7 +132,7 @@ FK_INLINE acc_t backward_row_impl(const Margin<acc_t> margin, const RowBackward<
   Margin<acc_t> one = margin;  // u holds one cosine per class
   one.sub_centers = 1;
   acc_t cell = u[target];
-  class_backward<acc_t, acc_t>(one, &cell, nullptr, true, r, scale_grad, grad_m2, grad_m3);
+  class_backward<acc_t, acc_t>(one, &cell, nullptr, 1, true, r, scale_grad, grad_m2, grad_m3);
   g[target] = cell;
   return scale_grad;
 }
@@ -160,8 +160,9 @@ FK_VECTOR_CLONES double backward_row(const Margin<double>& margin, const RowBack
 }
 
 // u for one row of the chunk; with K > 1 also each class's winning sub-center: the first
-// max before the clamp (the first NaN wins), one sub-center at a time over all classes so
-// that the loops run across classes. Margin::class_cosine takes the first max after the
+// max before the clamp (the first NaN wins), one sub-center at a time over all classes (the
+// row is sub-center-major: sub-center q of class j at q * length + j, so every pass reads
+// contiguous memory). Margin::class_cosine takes the first max after the
 // clamp; the two differ only among sub-centers clamped alike, whose gradient is 0 either
 // way, so the outputs are the same.
 template <typename scalar_t, typename acc_t>
@@ -171,7 +172,7 @@ FK_INLINE void gather_cosines_impl(const Margin<acc_t> margin, const scalar_t* _
   const int64_t k = margin.sub_centers;
 #pragma omp simd
   for (int64_t j = 0; j < length; ++j) {
-    u[j] = Margin<acc_t>::unclamped(z, inverse, j * k);
+    u[j] = Margin<acc_t>::unclamped(z, inverse, j);
   }
   if (k > 1) {
     std::fill_n(winners, length, 0);
@@ -180,7 +181,7 @@ FK_INLINE void gather_cosines_impl(const Margin<acc_t> margin, const scalar_t* _
 #pragma omp simd
     for (int64_t j = 0; j < length; ++j) {
       const acc_t best = u[j];
-      const acc_t c = Margin<acc_t>::unclamped(z, inverse, j * k + q);
+      const acc_t c = Margin<acc_t>::unclamped(z, inverse, q * length + j);
       const bool take = (best == best) & ((c > best) | (c != c));
       u[j] = take ? c : best;
       winners[j] = take ? q : winners[j];
@@ -203,8 +204,9 @@ FK_INLINE void scatter_grads_impl(const acc_t* __restrict__ g, const acc_t* __re
   for (int32_t q = 0; q < k; ++q) {
 #pragma omp simd
     for (int64_t j = 0; j < length; ++j) {
-      const acc_t scale = inverse != nullptr ? inverse[j * k + q] : acc_t(1);
-      z[j * k + q] = static_cast<scalar_t>(winners[j] == q ? g[j] * scale : acc_t(0));
+      const int64_t at = q * length + j;
+      const acc_t scale = inverse != nullptr ? inverse[at] : acc_t(1);
+      z[at] = static_cast<scalar_t>(winners[j] == q ? g[j] * scale : acc_t(0));
     }
   }
 }

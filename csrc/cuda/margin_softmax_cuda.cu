@@ -45,7 +45,7 @@ __global__ void forward_epilogue_kernel(const scalar_t* __restrict__ z,
   for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
     int64_t winner;
     const acc_t c =
-        margin.class_cosine(row + j * k, inverse ? inverse + j * k : nullptr, winner);
+        margin.class_cosine(row + j, inverse ? inverse + j : nullptr, length, winner);
     const acc_t logit = margin.logit(c, j == target, scale);
     mine.lse.push(logit);
     mine.best.push(c, class_start + j);
@@ -87,7 +87,7 @@ __global__ void backward_epilogue_kernel(scalar_t* __restrict__ z,
                              grad_target[i]};
   acc_t mine = 0;
   for (int64_t j = threadIdx.x; j < length; j += blockDim.x) {
-    class_backward<scalar_t, acc_t>(margin, row + j * k, inverse ? inverse + j * k : nullptr,
+    class_backward<scalar_t, acc_t>(margin, row + j, inverse ? inverse + j : nullptr, length,
                                     j == target, r, mine,
                                     m2_grad ? m2_grad + i : nullptr,
                                     m3_grad ? m3_grad + i : nullptr);
