@@ -219,8 +219,11 @@ struct WeightChunk {
   // What the epilogue multiplies z by, laid out as z (sub-center-major, see ChunkGemm):
   // undefined for raw rows of an unnormalized weight and for prescaled rows.
   at::Tensor epilogue_inverse(int64_t sub_centers) const {
-    if (prescaled || !inverse.defined() || sub_centers == 1) {
-      return prescaled ? at::Tensor() : inverse;
+    if (prescaled) {
+      return at::Tensor();
+    }
+    if (!inverse.defined() || sub_centers == 1) {
+      return inverse;
     }
     return inverse.view({-1, sub_centers}).t().contiguous().view(-1);
   }
@@ -336,8 +339,9 @@ class ChunkGemm {
 
 // The backward's z buffer. On a CPU each thread keeps it from one call to the next (up to
 // 32 MiB): a fresh one has every page faulted in again, as glibc hands large blocks back to
-// the system, 0.1 to 0.7 ms a step at 1K classes. The forward's buffer leaves as
-// last_logits, so it is always fresh; on a GPU the caching allocator keeps blocks anyway.
+// the system (300 to 1000 faults, up to 3 ms, in a sub-center step at 1K classes). The
+// forward's buffer leaves as last_logits, so it is always fresh; on a GPU the caching
+// allocator keeps blocks anyway.
 at::Tensor backward_buffer(int64_t numel, const at::TensorOptions& options) {
   constexpr int64_t kKeptBytes = 32 << 20;
   if (options.device().type() != at::kCPU ||

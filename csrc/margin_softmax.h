@@ -184,9 +184,10 @@ struct RowBackward {
 
 // Backward of class j's logit in place over its K sub-centers' z (`stride` apart, as
 // class_cosine reads them): dL/dz goes to the winning sub-center (times its inverse weight
-// norm, so that the backward GEMMs take the raw weight), 0 to the others. With p = exp(logit - row_max - log_sum),
-// dL/dlogit = g_log_sum p + g_target [target]. Adds dL/dlogit * logit / s (= dL/ds for the
-// row) to `scale_grad`; for the target, writes dL/dm2 and dL/dm3 where asked (non-null).
+// norm, so that the backward GEMMs take the raw weight), 0 to the others. With
+// p = exp(logit - row_max - log_sum), dL/dlogit = g_log_sum p + g_target [target]. Adds
+// dL/dlogit * logit / s (= dL/ds for the row) to `scale_grad`; for the target, writes
+// dL/dm2 and dL/dm3 where asked (non-null).
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline void class_backward(const Margin<acc_t>& margin, scalar_t* z,
                                            const acc_t* inverse, int64_t stride, bool is_target,
