@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <atomic>
@@ -350,6 +351,9 @@ at::Tensor backward_buffer(int64_t numel, const at::TensorOptions& options) {
   }
   thread_local at::Tensor kept;
   if (!kept.defined() || kept.numel() < numel || kept.dtype() != options.dtype()) {
+    // Not an inference tensor, even when the call that grows it runs in inference mode: a
+    // later call outside it could not write into one.
+    const c10::InferenceMode normal_tensor(false);
     kept = at::empty({numel}, options);
   }
   return kept.narrow(0, 0, numel);

@@ -407,6 +407,23 @@ def test_a_direct_call_of_the_op_differentiates_as_the_losses_do(device):
     assert gradients[0][2].abs().sum() > 0  # the margins' gradient flows on both paths
 
 
+def test_a_backward_buffer_grown_in_inference_mode_serves_later_calls():
+    """The CPU backward keeps its buffer per thread between calls. When a call in inference
+    mode is the one that allocates it, later calls outside that mode must still write to it."""
+    op = torch.ops.facekernels.margin_softmax_backward
+    for dtype, n, classes in ((torch.float32, 2, 3), (torch.float64, 64, 49152)):
+        # The fp32 call first: the fp64 one after it allocates the buffer anew (25 MB).
+        x, w, y = make_batch(n, 4, classes, "cpu", dtype)
+        options = (16.0, 1.0, 0.5, 0.0, 0.0, 0, True, True, True, classes)
+        row_max, log_sum = torch.ops.facekernels.margin_softmax_forward(x, w, y, *options)[:2]
+        grads = (torch.ones(n, dtype=dtype), -torch.ones(n, dtype=dtype))
+        with torch.inference_mode():
+            inferred = op(*grads, x, w, y, row_max, log_sum, *options)
+    ordinary = op(*grads, x, w, y, row_max, log_sum, *options)
+    for a, b in zip(inferred, ordinary):
+        assert torch.equal(a, b)
+
+
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     head = facekernels.ArcFaceLoss(100, 16, chunk_size=32).to(device)
