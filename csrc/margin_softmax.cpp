@@ -303,6 +303,27 @@ WeightChunk weight_chunk(const Classes& classes, int64_t start, int64_t length,
   return {raw.to(dtype), inverse.view(-1), norms.view(-1), false};
 }
 
+// A call's checked options (per-row inputs in the accumulate type) and classes.
+struct Call {
+  MarginOptions options;
+  Classes classes;
+};
+
+Call checked_call(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+                  const MarginOptions& raw_options, const std::optional<at::Tensor>& rows) {
+  check_inputs(embeddings, weight, labels, raw_options);
+  MarginOptions options =
+      with_row_inputs(raw_options, embeddings, at::toOpMathType(embeddings.scalar_type()));
+  const int64_t sub_centers = options.sub_centers;
+  return {std::move(options), classes_of(weight, rows, sub_centers)};
+}
+
+RowState initial_state(int64_t n, const at::TensorOptions& acc, const at::Tensor& labels) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  return {at::full({n}, -inf, acc), at::zeros({n}, acc), at::zeros({n}, acc),
+          at::full({n}, -inf, acc), at::full({n}, -1, labels.options())};
+}
+
 // z = unit @ rows^T for one chunk, [N, rows], in one buffer that every chunk reuses: a
 // fresh N x chunk tensor per chunk costs its page faults again on a CPU. With K sub-centers
 // per class, z is sub-center-major (sub-center q of class j in column q * len + j), one GEMM
@@ -338,11 +359,11 @@ class ChunkGemm {
   int64_t sub_centers_;
 };
 
-// The backward's z buffer. On a CPU each thread keeps it from one call to the next (up to
-// 32 MiB): a fresh one has every page faulted in again, as glibc hands large blocks back to
-// the system (300 to 1000 faults, up to 3 ms, in a sub-center step at 1K classes). The
-// forward's buffer leaves as last_logits, so it is always fresh; on a GPU the caching
-// allocator keeps blocks anyway.
+// The z buffer of the backward and of the one-op step. On a CPU each thread keeps it from
+// one call to the next (up to 32 MiB): a fresh one has every page faulted in again, as glibc
+// hands large blocks back to the system (300 to 1000 faults, up to 3 ms, in a sub-center step
+// at 1K classes). The forward's buffer leaves as last_logits, so it is always fresh; on a GPU
+// the caching allocator keeps blocks anyway.
 at::Tensor backward_buffer(int64_t numel, const at::TensorOptions& options) {
   constexpr int64_t kKeptBytes = 32 << 20;
   if (options.device().type() != at::kCPU ||
@@ -359,6 +380,120 @@ at::Tensor backward_buffer(int64_t numel, const at::TensorOptions& options) {
   return kept.narrow(0, 0, numel);
 }
 
+// dL/dm per row for a per-row margin that wants one, zeros (a row whose label is outside a
+// class shard has no target here: 0); else undefined.
+at::Tensor margin_sums(bool wanted, const at::Tensor& row_margin, int64_t n,
+                       const at::TensorOptions& acc) {
+  return wanted && row_margin.defined() ? at::zeros({n}, acc) : at::Tensor();
+}
+
+at::Tensor margin_output(const at::Tensor& sums, const at::TensorOptions& acc) {
+  return sums.defined() ? sums : at::empty({0}, acc);
+}
+
+// grad_unit += dz @ rows, dz sub-center-major (see ChunkGemm), one sub-center at a time.
+void add_embedding_sums(at::Tensor& grad_unit, const at::Tensor& dz, const at::Tensor& rows,
+                        int64_t k) {
+  const bool in_acc = dz.scalar_type() == grad_unit.scalar_type();
+  for (int64_t q = 0; q < k; ++q) {
+    const at::Tensor dz_q = sub_center_columns(dz, k, q);
+    const at::Tensor rows_q = sub_center_rows(rows, k, q);
+    if (in_acc) {
+      grad_unit.addmm_(dz_q, rows_q);
+    } else {
+      grad_unit.add_(at::matmul(dz_q, rows_q));
+    }
+  }
+}
+
+// sums (+)= dz^T @ unit into class-major weight rows [len * K, D]: written when `first`,
+// else added to.
+void add_weight_sums(at::Tensor& sums, const at::Tensor& dz, const at::Tensor& unit, int64_t k,
+                     bool first) {
+  const bool in_sums = dz.scalar_type() == sums.scalar_type();
+  for (int64_t q = 0; q < k; ++q) {
+    const at::Tensor dz_q = sub_center_columns(dz, k, q);
+    at::Tensor sums_q = sub_center_rows(sums, k, q);
+    if (in_sums) {
+      if (first) {
+        at::mm_out(sums_q, dz_q.t(), unit);
+      } else {
+        sums_q.addmm_(dz_q.t(), unit);
+      }
+    } else if (first) {
+      sums_q.copy_(at::matmul(dz_q.t(), unit));
+    } else {
+      sums_q.add_(at::matmul(dz_q.t(), unit));
+    }
+  }
+}
+
+// The weight's gradient, filled chunk by chunk: the GEMMs' sums of a chunk's raw rows, then
+// through the rows' normalization into place.
+class WeightGradient {
+ public:
+  WeightGradient(const at::Tensor& weight, bool wanted, const Classes& classes,
+                 at::ScalarType dtype, const at::TensorOptions& acc)
+      : classes_(classes),
+        acc_(acc),
+        // With rows, the rows not seen get a zero gradient.
+        tensor_(!wanted             ? weight.new_empty({0, weight.size(1)})
+                : classes.weight_rows ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
+                                      : at::empty_like(weight, at::MemoryFormat::Contiguous)),
+        // Where the GEMMs run in the accumulate type, their sums go straight into the
+        // gradient's rows.
+        direct_(wanted && !classes.weight_rows && tensor_.scalar_type() == dtype &&
+                dtype == acc.dtype().toScalarType()) {}
+
+  // The buffer for the sums of classes start..start+length.
+  at::Tensor sums(int64_t start, int64_t length) const {
+    const int64_t k = classes_.sub_centers;
+    return direct_ ? tensor_.narrow(0, start * k, length * k)
+                   : at::empty({length * k, tensor_.size(1)}, acc_);
+  }
+
+  void finish(at::Tensor sums, const WeightChunk& chunk, int64_t start, int64_t length,
+              const MarginOptions& options) {
+    if (chunk.prescaled) {
+      sums = normalize_backward(sums, chunk.rows.to(acc_.dtype()), chunk.inverse.unsqueeze(1),
+                                chunk.norms.unsqueeze(1));
+    } else if (options.normalize_weight) {
+      normalize_backward_raw_(sums, chunk.rows.to(acc_.dtype()), chunk.inverse.unsqueeze(1),
+                              chunk.norms.unsqueeze(1));
+    }
+    if (classes_.weight_rows) {
+      tensor_.index_copy_(0, classes_.rows_of(start, length), sums.to(tensor_.scalar_type()));
+    } else if (!direct_) {
+      const int64_t k = classes_.sub_centers;
+      tensor_.narrow(0, start * k, length * k).copy_(sums);
+    }
+  }
+
+  const at::Tensor& tensor() const { return tensor_; }
+
+ private:
+  const Classes& classes_;
+  at::TensorOptions acc_;
+  at::Tensor tensor_;
+  bool direct_;
+};
+
+// dL/dx from dL/d unit (empty [0, D] when not wanted), in the embeddings' dtype.
+at::Tensor embeddings_gradient(at::Tensor& grad_unit, bool wanted, const Rows& unit_rows,
+                               const at::Tensor& scale_grad, const MarginOptions& options,
+                               at::ScalarType dtype) {
+  if (!wanted) {
+    return at::empty({0, grad_unit.size(1)}, unit_rows.unit.options().dtype(dtype));
+  }
+  const at::Tensor unit = unit_rows.unit.to(grad_unit.scalar_type());
+  at::Tensor grad = normalize_backward(grad_unit, unit, unit_rows.inverse, unit_rows.norms);
+  if (!options.normalize_embeddings) {
+    // s_i = scale |x_i| also depends on x_i: d|x_i|/dx_i is the unit direction.
+    grad.add_(unit * (scale_grad * options.scale).unsqueeze(1));
+  }
+  return grad.to(dtype);
+}
+
 }  // namespace
 
 ForwardOutputs margin_softmax_forward_impl(
@@ -367,10 +502,9 @@ ForwardOutputs margin_softmax_forward_impl(
     ForwardEpilogue epilogue) {
   // Dtypes are chosen here (GEMMs in the embeddings' dtype): autocast must not re-cast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_inputs(embeddings, weight, labels, raw_options);
-  const MarginOptions options = with_row_inputs(
-      raw_options, embeddings, at::toOpMathType(embeddings.scalar_type()));
-  const Classes classes = classes_of(weight, rows, options.sub_centers);
+  const Call call = checked_call(embeddings, weight, labels, raw_options, rows);
+  const MarginOptions& options = call.options;
+  const Classes& classes = call.classes;
   if (labels_in_range) {
     // Here rather than in Python, so that a compiled graph checks too (one sync on a GPU).
     check_labels(kOp, labels, embeddings.size(0), classes.count());
@@ -379,11 +513,7 @@ ForwardOutputs margin_softmax_forward_impl(
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = classes.count();
   const Rows unit_rows = prepare_rows(embeddings, options);
-  const auto acc = unit_rows.scales.options();
-  RowState state{at::full({n}, -std::numeric_limits<double>::infinity(), acc),
-                 at::zeros({n}, acc), at::zeros({n}, acc),
-                 at::full({n}, -std::numeric_limits<double>::infinity(), acc),
-                 at::full({n}, -1, labels.options())};
+  RowState state = initial_state(n, unit_rows.scales.options(), labels);
   const at::Tensor labels_c = labels.contiguous();
   const int64_t columns = std::min(options.chunk_size, num_classes) * options.sub_centers;
   ChunkGemm gemm(unit_rows.unit, at::empty({n * columns}, unit_rows.unit.options()),
@@ -400,17 +530,16 @@ ForwardOutputs margin_softmax_forward_impl(
           state.predicted, z};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backward_impl(
+Gradients margin_softmax_backward_impl(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, const MarginOptions& raw_options, bool embeddings_grad,
     bool weight_grad, bool margins_grad, const std::optional<at::Tensor>& rows,
     const std::optional<at::Tensor>& last_logits, BackwardEpilogue epilogue) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_inputs(embeddings, weight, labels, raw_options);
-  const MarginOptions options = with_row_inputs(
-      raw_options, embeddings, at::toOpMathType(embeddings.scalar_type()));
-  const Classes classes = classes_of(weight, rows, options.sub_centers);
+  const Call call = checked_call(embeddings, weight, labels, raw_options, rows);
+  const MarginOptions& options = call.options;
+  const Classes& classes = call.classes;
   // These reach the kernels as raw pointers: on the embeddings' device, or an error.
   const auto check_row_vector = [&](const char* name, const at::Tensor& t) {
     check_defined_floating(kOp, name, t);
@@ -439,26 +568,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
   }
   const Rows unit_rows = prepare_rows(embeddings, options);
   const auto acc = unit_rows.scales.options();
-  // A row whose label is outside a class shard has no target here: its margin gradients are 0.
-  const auto margin_grad = [&](const at::Tensor& row_margin) {
-    return margins_grad && row_margin.defined() ? at::zeros({n}, acc) : at::Tensor();
-  };
   RowGrads grads{row_max.to(acc).contiguous(), log_sum.to(acc).contiguous(),
                  grad_log_sum.to(acc).contiguous(), grad_target.to(acc).contiguous(),
-                 at::zeros({n}, acc), margin_grad(options.row_m2), margin_grad(options.row_m3)};
+                 at::zeros({n}, acc), margin_sums(margins_grad, options.row_m2, n, acc),
+                 margin_sums(margins_grad, options.row_m3, n, acc)};
   const at::Tensor labels_c = labels.contiguous();
-
   at::Tensor grad_unit = at::zeros({n, embeddings.size(1)}, acc);
-  // With rows, the rows not seen get a zero gradient.
-  at::Tensor grad_weight =
-      !weight_grad ? weight.new_empty({0, weight.size(1)})
-      : rows       ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
-                   : at::empty_like(weight, at::MemoryFormat::Contiguous);
-  // The backward GEMMs accumulate into their outputs where they run in the accumulate type;
-  // the weight's gradient then goes straight from its GEMM into its rows.
-  const bool gemm_in_acc = dtype == acc.dtype().toScalarType();
-  const bool direct = weight_grad && !classes.weight_rows && grad_weight.scalar_type() == dtype &&
-                      gemm_in_acc;
+  WeightGradient weight_gradient(weight, weight_grad, classes, dtype, acc);
   const int64_t k = options.sub_centers;
   ChunkGemm gemm(unit_rows.unit,
                  backward_buffer(n * std::min(options.chunk_size, num_classes) * k,
@@ -466,61 +582,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
                  k);
   for (int64_t start = 0; start < num_classes; start += options.chunk_size) {
     const int64_t length = std::min(options.chunk_size, num_classes - start);
-    const int64_t first = start * k, count = length * k;
     const WeightChunk chunk = weight_chunk(classes, start, length, dtype, options);
     at::Tensor dz = last_logits && start == last_start ? gemm.saved(*last_logits) : gemm(chunk.rows);
     epilogue(dz, chunk.epilogue_inverse(k), start, labels_c, unit_rows.scales, options, grads);
-    // dz is sub-center-major (see ChunkGemm): the GEMMs go one sub-center at a time, and
-    // the weight's gradient lands in its class-major rows.
     if (embeddings_grad) {
-      for (int64_t q = 0; q < k; ++q) {
-        const at::Tensor dz_q = sub_center_columns(dz, k, q);
-        const at::Tensor rows_q = sub_center_rows(chunk.rows, k, q);
-        if (gemm_in_acc) {
-          grad_unit.addmm_(dz_q, rows_q);
-        } else {
-          grad_unit.add_(at::matmul(dz_q, rows_q));
-        }
-      }
+      add_embedding_sums(grad_unit, dz, chunk.rows, k);
     }
     if (weight_grad) {
-      at::Tensor grad = direct ? grad_weight.narrow(0, first, count)
-                               : at::empty({count, unit_rows.unit.size(1)}, acc);
-      for (int64_t q = 0; q < k; ++q) {
-        const at::Tensor dz_q = sub_center_columns(dz, k, q);
-        at::Tensor grad_q = sub_center_rows(grad, k, q);
-        if (direct) {
-          at::mm_out(grad_q, dz_q.t(), unit_rows.unit);
-        } else {
-          grad_q.copy_(at::matmul(dz_q.t(), unit_rows.unit));
-        }
-      }
-      if (chunk.prescaled) {
-        grad = normalize_backward(grad, chunk.rows.to(acc.dtype()), chunk.inverse.unsqueeze(1),
-                                  chunk.norms.unsqueeze(1));
-      } else if (options.normalize_weight) {
-        normalize_backward_raw_(grad, chunk.rows.to(acc.dtype()), chunk.inverse.unsqueeze(1),
-                                chunk.norms.unsqueeze(1));
-      }
-      if (classes.weight_rows) {
-        grad_weight.index_copy_(0, classes.rows_of(start, length), grad.to(grad_weight.scalar_type()));
-      } else if (!direct) {
-        grad_weight.narrow(0, first, count).copy_(grad);
-      }
+      at::Tensor sums = weight_gradient.sums(start, length);
+      add_weight_sums(sums, dz, unit_rows.unit, k, /*first=*/true);
+      weight_gradient.finish(sums, chunk, start, length, options);
     }
   }
-  const auto margin_out = [&](const at::Tensor& g) { return g.defined() ? g : at::empty({0}, acc); };
-  if (!embeddings_grad) {
-    return {embeddings.new_empty({0, embeddings.size(1)}), grad_weight, margin_out(grads.m2),
-            margin_out(grads.m3)};
+  return {embeddings_gradient(grad_unit, embeddings_grad, unit_rows, grads.scale, options, dtype),
+          weight_gradient.tensor(), margin_output(grads.m2, acc), margin_output(grads.m3, acc)};
+}
+
+GradOutputs margin_softmax_forward_backward_impl(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const MarginOptions& raw_options, bool labels_in_range, const std::optional<at::Tensor>& rows,
+    int64_t block_rows, double grad_scale, bool embeddings_grad, bool weight_grad,
+    bool margins_grad, StepEpilogue epilogue) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const Call call = checked_call(embeddings, weight, labels, raw_options, rows);
+  const MarginOptions& options = call.options;
+  const Classes& classes = call.classes;
+  TORCH_CHECK_VALUE(block_rows > 0, kOp, ": block_rows must be positive, got ", block_rows);
+  if (labels_in_range) {
+    check_labels(kOp, labels, embeddings.size(0), classes.count());
   }
-  const at::Tensor unit = unit_rows.unit.to(acc.dtype());
-  at::Tensor grad_embeddings = normalize_backward(grad_unit, unit, unit_rows.inverse, unit_rows.norms);
-  if (!options.normalize_embeddings) {
-    // s_i = scale |x_i| also depends on x_i: d|x_i|/dx_i is the unit direction.
-    grad_embeddings.add_(unit * (grads.scale * options.scale).unsqueeze(1));
+  const c10::DeviceGuard device(embeddings.device());
+  const at::ScalarType dtype = embeddings.scalar_type();
+  const int64_t n = embeddings.size(0), num_classes = classes.count(), k = options.sub_centers;
+  const Rows unit_rows = prepare_rows(embeddings, options);
+  const auto acc = unit_rows.scales.options();
+  RowState state = initial_state(n, acc, labels);
+  // The gradient of grad_scale * sum_i loss_i, loss_i = log_sum_i + row_max_i - target_i.
+  RowGrads grads{state.row_max,
+                 at::empty({n}, acc),
+                 at::full({n}, grad_scale, acc),
+                 at::full({n}, -grad_scale, acc),
+                 at::zeros({n}, acc),
+                 margin_sums(margins_grad, options.row_m2, n, acc),
+                 margin_sums(margins_grad, options.row_m3, n, acc)};
+  const at::Tensor labels_c = labels.contiguous();
+  at::Tensor grad_unit = at::zeros({n, embeddings.size(1)}, acc);
+  WeightGradient weight_gradient(weight, weight_grad, classes, dtype, acc);
+  at::Tensor weight_sums = weight_grad ? weight_gradient.sums(0, num_classes) : at::Tensor();
+  // Every class is one chunk: its weight norms are taken once for all the blocks.
+  const WeightChunk chunk = weight_chunk(classes, 0, num_classes, dtype, options);
+  const at::Tensor inverse = chunk.epilogue_inverse(k);
+  const at::Tensor buffer =
+      backward_buffer(std::min(block_rows, n) * num_classes * k, unit_rows.unit.options());
+  for (int64_t first = 0; first < n; first += block_rows) {
+    const int64_t count = std::min(block_rows, n - first);
+    const auto block = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, first, count) : t; };
+    const at::Tensor unit = block(unit_rows.unit), labels_b = block(labels_c);
+    const at::Tensor scales = block(unit_rows.scales);
+    MarginOptions options_b = options;
+    for (at::Tensor* t : {&options_b.row_m2, &options_b.row_m3, &options_b.row_hard,
+                          &options_b.row_hard_t}) {
+      *t = block(*t);
+    }
+    RowState state_b{block(state.row_max), block(state.row_sum), block(state.target_logit),
+                     block(state.best_cosine), block(state.predicted)};
+    RowGrads grads_b{block(grads.row_max),     block(grads.log_sum), block(grads.grad_log_sum),
+                     block(grads.grad_target), block(grads.scale),   block(grads.m2),
+                     block(grads.m3)};
+    ChunkGemm gemm(unit, buffer, k);
+    at::Tensor z = gemm(chunk.rows);
+    epilogue(z, inverse, labels_b, scales, options_b, state_b, grads_b);
+    if (embeddings_grad) {
+      at::Tensor grad_unit_b = block(grad_unit);
+      add_embedding_sums(grad_unit_b, z, chunk.rows, k);
+    }
+    if (weight_grad) {
+      add_weight_sums(weight_sums, z, unit, k, /*first=*/first == 0);
+    }
   }
-  return {grad_embeddings.to(dtype), grad_weight, margin_out(grads.m2), margin_out(grads.m3)};
+  if (weight_grad) {
+    weight_gradient.finish(weight_sums, chunk, 0, num_classes, options);
+  }
+  return {state.row_max,
+          grads.log_sum,
+          state.target_logit,
+          state.best_cosine,
+          state.predicted,
+          embeddings_gradient(grad_unit, embeddings_grad, unit_rows, grads.scale, options, dtype),
+          weight_gradient.tensor(),
+          margin_output(grads.m2, acc),
+          margin_output(grads.m3, acc)};
 }
 
 }  // namespace facekernels

@@ -320,6 +320,23 @@ using BackwardEpilogue = void (*)(at::Tensor& z, const at::Tensor& inverse, int6
                                   const at::Tensor& labels, const at::Tensor& row_scale,
                                   const MarginOptions& options, RowGrads& grads);
 
+// Both for z [N, C * K] that holds every class (class_start 0): folds it into the empty row
+// state, writes log(row_sum) into grads.log_sum (whose row_max is the state's), then
+// overwrites z with dL/dz as the backward epilogue does.
+using StepEpilogue = void (*)(at::Tensor& z, const at::Tensor& inverse, const at::Tensor& labels,
+                              const at::Tensor& row_scale, const MarginOptions& options,
+                              RowState& state, RowGrads& grads);
+
+// A step epilogue made of a device's forward and backward epilogues.
+template <ForwardEpilogue forward, BackwardEpilogue backward>
+void sequential_step(at::Tensor& z, const at::Tensor& inverse, const at::Tensor& labels,
+                     const at::Tensor& row_scale, const MarginOptions& options, RowState& state,
+                     RowGrads& grads) {
+  forward(z, inverse, 0, labels, row_scale, options, state);
+  at::log_out(grads.log_sum, state.row_sum);
+  backward(z, inverse, 0, labels, row_scale, options, grads);
+}
+
 // The device-neutral chunk loops (margin_softmax.cpp); each device passes its epilogue.
 // Forward returns (row_max, log_sum, target_logit, best_cosine, predicted), each [N]: the
 // loss is log_sum + (row_max - target_logit), which keeps a small loss accurate; and the
@@ -333,12 +350,40 @@ ForwardOutputs margin_softmax_forward_impl(
 
 // Returns (grad_embeddings, grad_weight, grad_m2, grad_m3); an unwanted one is not computed
 // and is empty ([0, D], or [0] for the margins).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backward_impl(
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+Gradients margin_softmax_backward_impl(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, const MarginOptions& options, bool embeddings_grad,
     bool weight_grad, bool margins_grad, const std::optional<at::Tensor>& rows,
     const std::optional<at::Tensor>& last_logits, BackwardEpilogue epilogue);
+
+// The forward's five per-row outputs and the backward's four gradients, those of
+// grad_scale * sum_i loss_i, in one call: blocks of block_rows rows that each see every class at once,
+// so that each block's z feeds the backward's GEMMs as soon as its rows' log-sum-exp is
+// known. Three GEMMs where a forward and a backward over class chunks take four, for a
+// block_rows x C (x K) buffer in place of N x chunk.
+using GradOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+GradOutputs margin_softmax_forward_backward_impl(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const MarginOptions& options, bool labels_in_range, const std::optional<at::Tensor>& rows,
+    int64_t block_rows, double grad_scale, bool embeddings_grad, bool weight_grad,
+    bool margins_grad, StepEpilogue epilogue);
+
+// The ops' arguments as MarginOptions.
+inline MarginOptions margin_options(double scale, double m1, double m2, double m3, double lambda,
+                                    int64_t kind, bool exact_gradient, bool normalize_embeddings,
+                                    bool normalize_weight, int64_t chunk_size, double filter,
+                                    const std::optional<at::Tensor>& row_m2,
+                                    const std::optional<at::Tensor>& row_m3, int64_t sub_centers,
+                                    const std::optional<at::Tensor>& hard_threshold,
+                                    const std::optional<at::Tensor>& hard_t) {
+  const at::Tensor none;
+  return {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings,
+          normalize_weight, chunk_size, filter, sub_centers, row_m2.value_or(none),
+          row_m3.value_or(none), hard_threshold.value_or(none), hard_t.value_or(none)};
+}
 
 // The ops' entry points (schemas in facekernels.cpp); each device registers them with its
 // own epilogue.
@@ -353,15 +398,14 @@ ForwardOutputs margin_softmax_forward(
     const std::optional<at::Tensor>& hard_t) {
   return margin_softmax_forward_impl(
       embeddings, weight, labels,
-      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size, filter, sub_centers, row_m2.value_or(at::Tensor()),
-       row_m3.value_or(at::Tensor()), hard_threshold.value_or(at::Tensor()),
-       hard_t.value_or(at::Tensor())},
+      margin_options(scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings,
+                     normalize_weight, chunk_size, filter, row_m2, row_m3, sub_centers,
+                     hard_threshold, hard_t),
       labels_in_range, rows, epilogue);
 }
 
 template <BackwardEpilogue epilogue>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backward(
+Gradients margin_softmax_backward(
     const at::Tensor& grad_log_sum, const at::Tensor& grad_target, const at::Tensor& embeddings,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_max,
     const at::Tensor& log_sum, double scale, double m1, double m2, double m3, double lambda,
@@ -373,11 +417,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_backwa
     bool margins_grad, const std::optional<at::Tensor>& last_logits) {
   return margin_softmax_backward_impl(
       grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum,
-      {scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings, normalize_weight,
-       chunk_size, filter, sub_centers, row_m2.value_or(at::Tensor()),
-       row_m3.value_or(at::Tensor()), hard_threshold.value_or(at::Tensor()),
-       hard_t.value_or(at::Tensor())},
+      margin_options(scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings,
+                     normalize_weight, chunk_size, filter, row_m2, row_m3, sub_centers,
+                     hard_threshold, hard_t),
       embeddings_grad, weight_grad, margins_grad, rows, last_logits, epilogue);
+}
+
+template <StepEpilogue epilogue>
+GradOutputs margin_softmax_forward_backward(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    double scale, double m1, double m2, double m3, double lambda, int64_t kind,
+    bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int64_t block_rows,
+    bool labels_in_range, const std::optional<at::Tensor>& rows, double filter,
+    const std::optional<at::Tensor>& row_m2, const std::optional<at::Tensor>& row_m3,
+    int64_t sub_centers, const std::optional<at::Tensor>& hard_threshold,
+    const std::optional<at::Tensor>& hard_t, double grad_scale, bool embeddings_grad,
+    bool weight_grad, bool margins_grad) {
+  // Every class in one chunk.
+  constexpr int64_t all_classes = std::numeric_limits<int64_t>::max();
+  return margin_softmax_forward_backward_impl(
+      embeddings, weight, labels,
+      margin_options(scale, m1, m2, m3, lambda, kind, exact_gradient, normalize_embeddings,
+                     normalize_weight, all_classes, filter, row_m2, row_m3, sub_centers,
+                     hard_threshold, hard_t),
+      labels_in_range, rows, block_rows, grad_scale, embeddings_grad, weight_grad, margins_grad,
+      epilogue);
 }
 
 }  // namespace facekernels

@@ -58,6 +58,21 @@ inline void define_ops(torch::Library& m) {
       "Tensor? row_m3=None, int sub_centers=1, Tensor? hard_threshold=None, Tensor? hard_t=None, "
       "bool margins_grad=False, Tensor? last_logits=None) -> (Tensor grad_embeddings, "
       "Tensor grad_weight, Tensor grad_m2, Tensor grad_m3)");
+  // Both at once, for the gradients of grad_scale * sum_i loss_i (d/d log_sum = grad_scale,
+  // d/d target_logit = -grad_scale): the forward's first five outputs, then the backward's
+  // four. block_rows rows at a time see every class, so each block's logits feed the
+  // backward's GEMMs at once: three GEMMs where the two ops take four, for
+  // block_rows x C (x K) logits in place of N x chunk.
+  m.def(
+      "margin_softmax_forward_backward(Tensor embeddings, Tensor weight, Tensor labels, "
+      "float scale, float m1, float m2, float m3, float sphere_lambda, int margin_kind, "
+      "bool exact_gradient, bool normalize_embeddings, bool normalize_weight, int block_rows, "
+      "bool labels_in_range=True, Tensor? rows=None, float interclass_filtering_threshold=0.0, "
+      "Tensor? row_m2=None, Tensor? row_m3=None, int sub_centers=1, Tensor? hard_threshold=None, "
+      "Tensor? hard_t=None, float grad_scale=1.0, bool embeddings_grad=True, "
+      "bool weight_grad=True, bool margins_grad=False) -> (Tensor row_max, Tensor log_sum, Tensor target_logit, "
+      "Tensor best_cosine, Tensor predicted, Tensor grad_embeddings, Tensor grad_weight, "
+      "Tensor grad_m2, Tensor grad_m3)");
 
   // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
   // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet, 6 every triplet; positives

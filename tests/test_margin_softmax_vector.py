@@ -16,6 +16,7 @@ import torch
 
 import facekernels  # noqa: F401  (registers the ops)
 import simt
+from margin_cases import CASES, NAMES, N, arguments, inputs
 
 pytestmark = pytest.mark.skipif(not simt.enabled, reason="needs the SIMT emulation (FACEKERNELS_SIMT=0)")
 
@@ -26,81 +27,26 @@ BOUND_EPS = 64
 # vector path must be as accurate as the scalar one: its error against the fp64 result on
 # the same inputs at most twice the scalar path's, plus the bound.
 ILL_CONDITIONED = ("grad_embeddings", "grad_weight")
-N, D, C = 37, 24, 203  # odd sizes: vector tails and a chunk boundary inside a vector
-
-# name -> forward options beyond the defaults (ArcFace: kind 0, m2 = 0.5, s = 64).
-CASES = {
-    "arcface": {},
-    "cosface": dict(m2=0.0, m3=0.35),
-    "combined": dict(m1=1.2, m2=0.3, m3=0.1),
-    "plain_softmax": dict(m2=0.0, normalize_embeddings=False, normalize_weight=False, scale=1.0),
-    "l2_softmax": dict(m2=0.0, normalize_weight=False, scale=16.0),
-    "sphereface": dict(margin_kind=1, m1=4.0, m2=0.0, sphere_lambda=5.0),
-    "adaface": dict(margin_kind=2, row_m2=True, row_m3=True),
-    "easy_margin": dict(margin_kind=3),
-    "detached": dict(exact_gradient=False),
-    "unnormalized_embeddings": dict(normalize_embeddings=False, scale=2.0),
-    "per_row_margins": dict(row_m2=True, row_m3=True),
-    "curricularface": dict(hard=True),
-    "interclass_filtering": dict(interclass_filtering_threshold=0.2),
-    "sub_centers": dict(sub_centers=3),
-    "rows": dict(rows=True),
-}
-
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 def call(options, x, w, y, g):
     """The forward and backward ops with `options`: every output of both."""
-    o = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0, sphere_lambda=0.0, margin_kind=0,
-             exact_gradient=True, normalize_embeddings=True, normalize_weight=True, chunk_size=64)
-    o.update(options)
-    extra = {}
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if o.pop("row_m2", False):
-        extra["row_m2"] = (0.2 + 0.4 * torch.rand(N, generator=g, dtype=torch.float64)).to(acc)
-    if o.pop("row_m3", False):
-        extra["row_m3"] = (0.1 * torch.rand(N, generator=g, dtype=torch.float64)).to(acc)
-    if o.pop("hard", False):
-        extra["hard_threshold"] = (0.1 * torch.rand(N, generator=g, dtype=torch.float64)).to(acc)
-        extra["hard_t"] = torch.full((N,), 0.3, dtype=acc)
-    if "interclass_filtering_threshold" in o:
-        extra["interclass_filtering_threshold"] = o.pop("interclass_filtering_threshold")
-    k = o.pop("sub_centers", 1)
-    extra["sub_centers"] = k
-    labels_in_range = True
-    if o.pop("rows", False):
-        extra["rows"] = torch.arange(0, C // k, 3)
-        labels_in_range = False
-    weight = w if k == 1 else w[: (C // k) * k]
-    head = [o[name] for name in ("scale", "m1", "m2", "m3", "sphere_lambda", "margin_kind",
-                                 "exact_gradient", "normalize_embeddings", "normalize_weight",
-                                 "chunk_size")]
+    weight, head, extra, labels_in_range = arguments(options, x, w, y, g)
     ops = torch.ops.facekernels
     forward = ops.margin_softmax_forward(x, weight, y, *head, labels_in_range=labels_in_range, **extra)
     row_max, log_sum = forward[0], forward[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     grad_log_sum = torch.rand(N, generator=g, dtype=torch.float64).to(acc)
     grad_target = -torch.rand(N, generator=g, dtype=torch.float64).to(acc)
     backward = ops.margin_softmax_backward(grad_log_sum, grad_target, x, weight, y, row_max, log_sum,
                                            *head, margins_grad=True, **extra)
-    return forward + backward
+    return forward[:5] + backward  # without last_logits, as NAMES
 
 
 def outputs(options, dtype, seed, compute_dtype=None):
     """Every output on inputs rounded to dtype, computed in compute_dtype (default dtype)."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(N, D, generator=g, dtype=torch.float64) * 3).to(dtype)
-    w = torch.randn(C, D, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C // options.get("sub_centers", 1), (N,), generator=g)
-    # Targets near the clamp and exactly at a cosine of 1, where the special cases live.
-    w[y[0]] = x[0].double()
-    w[y[1]] = -x[1].double()
-    compute_dtype = compute_dtype or dtype
-    return call(options, x.to(compute_dtype), w.to(dtype).to(compute_dtype), y, g)
-
-
-NAMES = ["row_max", "log_sum", "target_logit", "best_cosine", "predicted",
-         "grad_embeddings", "grad_weight", "grad_m2", "grad_m3"]
+    return call(options, *inputs(options, dtype, seed, compute_dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

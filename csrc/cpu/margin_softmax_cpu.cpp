@@ -88,7 +88,8 @@ FK_INLINE void forward_row_impl(const Margin<acc_t> margin, acc_t scale, const a
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < length; ++j) {
-      sum += vector_exp(logit[j] - max_logit);
+      logit[j] = vector_exp(logit[j] - max_logit);  // for a backward of the same row
+      sum += logit[j];
     }
     out.max = max_logit;
     out.sum = sum;
@@ -119,16 +120,51 @@ FK_INLINE acc_t negative_grads(const Margin<acc_t> margin, const RowBackward<acc
   return scale_grad;
 }
 
-// Writes dL/du into g and returns the row's dL/ds from this chunk.
+// The same from the exponentials e_j = exp(logit_j - max) that forward_row left, where
+// p_j = e_j / sum: weight = dL/dlog_sum / sum. No exp: a row's forward and backward in one.
+template <typename acc_t>
+FK_INLINE acc_t negative_grads_from_exps(const Margin<acc_t> margin, acc_t scale, acc_t weight,
+                                         const acc_t* __restrict__ u,
+                                         const acc_t* __restrict__ e, acc_t* __restrict__ g,
+                                         int64_t begin, int64_t end) {
+  acc_t scale_grad = 0;
+#pragma omp simd reduction(+ : scale_grad)
+  for (int64_t j = begin; j < end; ++j) {
+    const acc_t c = margin.cosine(u[j]);
+    const NegativeValue<acc_t> v = margin.negative(c);
+    const acc_t grad_logit = weight * e[j];
+    scale_grad += grad_logit * v.value;
+    g[j] = grad_logit * scale * v.slope * margin.cosine_slope(u[j]);
+  }
+  return scale_grad;
+}
+
+// The negatives of classes [begin, end) by either of the above: from the exponentials e
+// where given (with weight), else with their own.
+template <typename acc_t>
+FK_INLINE acc_t negatives_of(const Margin<acc_t> margin, const RowBackward<acc_t> r, acc_t weight,
+                             const acc_t* u, const acc_t* e, acc_t* g, int64_t begin,
+                             int64_t end) {
+  return e != nullptr ? negative_grads_from_exps(margin, r.scale, weight, u, e, g, begin, end)
+                      : negative_grads(margin, r, u, g, begin, end);
+}
+
+// Writes dL/du into g and returns the row's dL/ds from this chunk (e, weight: see
+// negatives_of).
 template <typename acc_t>
 FK_INLINE acc_t backward_row_impl(const Margin<acc_t> margin, const RowBackward<acc_t> r,
-                                  const acc_t* u, acc_t* g, int64_t length, int64_t target,
-                                  acc_t* grad_m2, acc_t* grad_m3) {
-  if (target < 0 || target >= length) {
-    return negative_grads(margin, r, u, g, 0, length);
+                                  acc_t weight, const acc_t* u, const acc_t* e, acc_t* g,
+                                  int64_t length, int64_t target, acc_t* grad_m2, acc_t* grad_m3) {
+  const bool has_target = target >= 0 && target < length;
+  const int64_t split = has_target ? target : length;
+  // One call site for the vector loops: GCC stops inlining Margin's functions into more.
+  acc_t scale_grad = 0;
+  for (const auto [begin, end] : {std::pair{int64_t(0), split}, std::pair{split + has_target, length}}) {
+    scale_grad += negatives_of(margin, r, weight, u, e, g, begin, end);
   }
-  acc_t scale_grad = negative_grads(margin, r, u, g, 0, target);
-  scale_grad += negative_grads(margin, r, u, g, target + 1, length);
+  if (!has_target) {
+    return scale_grad;
+  }
   Margin<acc_t> one = margin;  // u holds one cosine per class
   one.sub_centers = 1;
   acc_t cell = u[target];
@@ -149,14 +185,16 @@ FK_VECTOR_CLONES void forward_row(const Margin<double>& margin, double scale, co
   forward_row_impl(margin, scale, u, logit, length, target, out);
 }
 FK_VECTOR_CLONES float backward_row(const Margin<float>& margin, const RowBackward<float>& r,
-                                    const float* u, float* g, int64_t length, int64_t target,
-                                    float* grad_m2, float* grad_m3) {
-  return backward_row_impl(margin, r, u, g, length, target, grad_m2, grad_m3);
+                                    float weight, const float* u, const float* e, float* g,
+                                    int64_t length, int64_t target, float* grad_m2,
+                                    float* grad_m3) {
+  return backward_row_impl(margin, r, weight, u, e, g, length, target, grad_m2, grad_m3);
 }
 FK_VECTOR_CLONES double backward_row(const Margin<double>& margin, const RowBackward<double>& r,
-                                     const double* u, double* g, int64_t length, int64_t target,
-                                     double* grad_m2, double* grad_m3) {
-  return backward_row_impl(margin, r, u, g, length, target, grad_m2, grad_m3);
+                                     double weight, const double* u, const double* e, double* g,
+                                     int64_t length, int64_t target, double* grad_m2,
+                                     double* grad_m3) {
+  return backward_row_impl(margin, r, weight, u, e, g, length, target, grad_m2, grad_m3);
 }
 
 // u for one row of the chunk; with K > 1 also each class's winning sub-center: the first
@@ -241,6 +279,76 @@ FK_VECTOR_CLONES void scatter_grads(const double* g, const double* inverse,
   scatter_grads_impl(g, inverse, winners, length, k, z);
 }
 
+// The forward's row state, and the fold of one chunk's part of a row into it.
+template <typename acc_t>
+struct StateRows {
+  acc_t* row_max;
+  acc_t* row_sum;
+  acc_t* target_logit;
+  acc_t* best_cosine;
+  int64_t* predicted;
+
+  explicit StateRows(RowState& state)
+      : row_max(state.row_max.mutable_data_ptr<acc_t>()),
+        row_sum(state.row_sum.mutable_data_ptr<acc_t>()),
+        target_logit(state.target_logit.mutable_data_ptr<acc_t>()),
+        best_cosine(state.best_cosine.mutable_data_ptr<acc_t>()),
+        predicted(state.predicted.mutable_data_ptr<int64_t>()) {}
+
+  void fold(int64_t i, const ChunkRow<acc_t>& chunk, bool has_target, int64_t class_start) {
+    OnlineLse<acc_t> lse{row_max[i], row_sum[i]};
+    lse.merge({chunk.max, chunk.sum});
+    row_max[i] = lse.max;
+    row_sum[i] = lse.sum;
+    if (has_target) {
+      target_logit[i] = chunk.target_logit;
+    }
+    if (chunk.best_index >= 0) {
+      ArgMax<acc_t> best{best_cosine[i], predicted[i]};
+      best.push(chunk.best, class_start + chunk.best_index);
+      best_cosine[i] = best.value;
+      predicted[i] = best.index;
+    }
+  }
+};
+
+// The backward's per-row inputs and outputs.
+template <typename acc_t>
+struct GradRows {
+  const acc_t* max;
+  const acc_t* log_sum;
+  const acc_t* grad_log_sum;
+  const acc_t* grad_target;
+  acc_t* scale;
+  acc_t* m2;
+  acc_t* m3;
+
+  explicit GradRows(RowGrads& grads)
+      : max(grads.row_max.const_data_ptr<acc_t>()),
+        log_sum(grads.log_sum.const_data_ptr<acc_t>()),
+        grad_log_sum(grads.grad_log_sum.const_data_ptr<acc_t>()),
+        grad_target(grads.grad_target.const_data_ptr<acc_t>()),
+        scale(grads.scale.mutable_data_ptr<acc_t>()),
+        m2(optional_mutable_data<acc_t>(grads.m2)),
+        m3(optional_mutable_data<acc_t>(grads.m3)) {}
+
+  RowBackward<acc_t> row(int64_t i, acc_t row_scale) const {
+    return {row_scale, max[i], log_sum[i], grad_log_sum[i], grad_target[i]};
+  }
+  acc_t* m2_of(int64_t i) const { return m2 ? m2 + i : nullptr; }
+  acc_t* m3_of(int64_t i) const { return m3 ? m3 + i : nullptr; }
+};
+
+// A task's row buffers: cosines u, logits (then exponentials), dL/du, winning sub-centers.
+template <typename acc_t>
+struct RowBuffers {
+  std::vector<acc_t> u, logit, g;
+  std::vector<int32_t> winners;
+  RowBuffers(int64_t length, int64_t k, bool forward, bool backward)
+      : u(length), logit(forward ? length : 0), g(backward ? length : 0),
+        winners(k > 1 ? length : 0) {}
+};
+
 void forward_epilogue_cpu(const at::Tensor& z, const at::Tensor& inverse, int64_t class_start,
                           const at::Tensor& labels, const at::Tensor& row_scale,
                           const MarginOptions& options, RowState& state) {
@@ -253,33 +361,16 @@ void forward_epilogue_cpu(const at::Tensor& z, const at::Tensor& inverse, int64_
         const acc_t* inv = optional_data<acc_t>(inverse);
         const int64_t* label = labels.const_data_ptr<int64_t>();
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
-        acc_t* row_max = state.row_max.mutable_data_ptr<acc_t>();
-        acc_t* row_sum = state.row_sum.mutable_data_ptr<acc_t>();
-        acc_t* target_logit = state.target_logit.mutable_data_ptr<acc_t>();
-        acc_t* best_cosine = state.best_cosine.mutable_data_ptr<acc_t>();
-        int64_t* predicted = state.predicted.mutable_data_ptr<int64_t>();
+        StateRows<acc_t> out(state);
         at::parallel_for(0, n, row_grain(length * k), [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> u(length), logit(length);
-          std::vector<int32_t> winners(k > 1 ? length : 0);
+          RowBuffers<acc_t> b(length, k, true, false);
           for (int64_t i = begin; i < end; ++i) {
             const Margin<acc_t> margin = margins.for_row(i);
             const int64_t target = label[i] - class_start;
-            gather_cosines(margin, zp + i * length * k, inv, length, u.data(), winners.data());
+            gather_cosines(margin, zp + i * length * k, inv, length, b.u.data(), b.winners.data());
             ChunkRow<acc_t> chunk;
-            forward_row(margin, scale[i], u.data(), logit.data(), length, target, chunk);
-            OnlineLse<acc_t> lse{row_max[i], row_sum[i]};
-            lse.merge({chunk.max, chunk.sum});
-            row_max[i] = lse.max;
-            row_sum[i] = lse.sum;
-            if (target >= 0 && target < length) {
-              target_logit[i] = chunk.target_logit;
-            }
-            if (chunk.best_index >= 0) {
-              ArgMax<acc_t> best{best_cosine[i], predicted[i]};
-              best.push(chunk.best, class_start + chunk.best_index);
-              best_cosine[i] = best.value;
-              predicted[i] = best.index;
-            }
+            forward_row(margin, scale[i], b.u.data(), b.logit.data(), length, target, chunk);
+            out.fold(i, chunk, target >= 0 && target < length, class_start);
           }
         });
       });
@@ -297,25 +388,58 @@ void backward_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, int64_t cla
         const acc_t* inv = optional_data<acc_t>(inverse);
         const int64_t* label = labels.const_data_ptr<int64_t>();
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
-        const acc_t* max = grads.row_max.const_data_ptr<acc_t>();
-        const acc_t* lsum = grads.log_sum.const_data_ptr<acc_t>();
-        const acc_t* g_lsum = grads.grad_log_sum.const_data_ptr<acc_t>();
-        const acc_t* g_target = grads.grad_target.const_data_ptr<acc_t>();
-        acc_t* s_grad = grads.scale.mutable_data_ptr<acc_t>();
-        acc_t* m2_grad = optional_mutable_data<acc_t>(grads.m2);
-        acc_t* m3_grad = optional_mutable_data<acc_t>(grads.m3);
+        const GradRows<acc_t> out(grads);
         at::parallel_for(0, n, row_grain(length * k), [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> u(length), g(length);
-          std::vector<int32_t> winners(k > 1 ? length : 0);
+          RowBuffers<acc_t> b(length, k, false, true);
           for (int64_t i = begin; i < end; ++i) {
             const Margin<acc_t> margin = margins.for_row(i);
-            const RowBackward<acc_t> r{scale[i], max[i], lsum[i], g_lsum[i], g_target[i]};
             scalar_t* row = zp + i * length * k;
-            gather_cosines(margin, row, inv, length, u.data(), winners.data());
-            s_grad[i] += backward_row(margin, r, u.data(), g.data(), length, label[i] - class_start,
-                                      m2_grad ? m2_grad + i : nullptr,
-                                      m3_grad ? m3_grad + i : nullptr);
-            scatter_grads(g.data(), inv, winners.data(), length, k, row);
+            gather_cosines(margin, row, inv, length, b.u.data(), b.winners.data());
+            out.scale[i] += backward_row(margin, out.row(i, scale[i]), acc_t(0), b.u.data(),
+                                         nullptr, b.g.data(), length, label[i] - class_start,
+                                         out.m2_of(i), out.m3_of(i));
+            scatter_grads(b.g.data(), inv, b.winners.data(), length, k, row);
+          }
+        });
+      });
+}
+
+// Both for a block of rows that holds every class, a row at a time while it is in cache:
+// one gather of its cosines, and the backward takes the forward's exponentials.
+void step_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, const at::Tensor& labels,
+                       const at::Tensor& row_scale, const MarginOptions& options, RowState& state,
+                       RowGrads& grads) {
+  const int64_t n = z.size(0), k = options.sub_centers, length = z.size(1) / k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, z.scalar_type(), "margin_softmax_step_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const Margin<acc_t> margins = options.margin<acc_t>();
+        scalar_t* zp = z.mutable_data_ptr<scalar_t>();
+        const acc_t* inv = optional_data<acc_t>(inverse);
+        const int64_t* label = labels.const_data_ptr<int64_t>();
+        const acc_t* scale = row_scale.const_data_ptr<acc_t>();
+        StateRows<acc_t> forward(state);
+        acc_t* log_sum = grads.log_sum.mutable_data_ptr<acc_t>();
+        const GradRows<acc_t> out(grads);
+        at::parallel_for(0, n, row_grain(length * k), [&](int64_t begin, int64_t end) {
+          RowBuffers<acc_t> b(length, k, true, true);
+          for (int64_t i = begin; i < end; ++i) {
+            const Margin<acc_t> margin = margins.for_row(i);
+            const int64_t target = label[i];
+            scalar_t* row = zp + i * length * k;
+            gather_cosines(margin, row, inv, length, b.u.data(), b.winners.data());
+            ChunkRow<acc_t> chunk;
+            forward_row(margin, scale[i], b.u.data(), b.logit.data(), length, target, chunk);
+            forward.fold(i, chunk, target >= 0 && target < length, 0);
+            log_sum[i] = std::log(forward.row_sum[i]);
+            const RowBackward<acc_t> r = out.row(i, scale[i]);
+            // With a finite max, forward_row left the exponentials (the fold of one chunk
+            // into the empty state keeps its max and sum).
+            const bool exps = std::isfinite(chunk.max);
+            out.scale[i] += backward_row(margin, r, r.grad_log_sum / chunk.sum, b.u.data(),
+                                         exps ? b.logit.data() : nullptr, b.g.data(), length,
+                                         target, out.m2_of(i), out.m3_of(i));
+            scatter_grads(b.g.data(), inv, b.winners.data(), length, k, row);
           }
         });
       });
@@ -326,6 +450,7 @@ void backward_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, int64_t cla
 TORCH_LIBRARY_IMPL(facekernels, CPU, m) {
   m.impl("margin_softmax_forward", &margin_softmax_forward<&forward_epilogue_cpu>);
   m.impl("margin_softmax_backward", &margin_softmax_backward<&backward_epilogue_cpu>);
+  m.impl("margin_softmax_forward_backward", &margin_softmax_forward_backward<&step_epilogue_cpu>);
 }
 
 }  // namespace facekernels

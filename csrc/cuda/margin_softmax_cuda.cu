@@ -145,6 +145,9 @@ void backward_epilogue_cuda(at::Tensor& z, const at::Tensor& inverse, int64_t cl
 FK_CUDA_KERNELS(m) {
   m.impl("margin_softmax_forward", &margin_softmax_forward<&forward_epilogue_cuda>);
   m.impl("margin_softmax_backward", &margin_softmax_backward<&backward_epilogue_cuda>);
+  m.impl("margin_softmax_forward_backward",
+         &margin_softmax_forward_backward<
+             &sequential_step<&forward_epilogue_cuda, &backward_epilogue_cuda>>);
 }
 
 }  // namespace facekernels

@@ -22,6 +22,14 @@ _GRADIENTS = ("exact", "detached")
 _CHUNK_BYTES = {"cuda": 32 * 2**20, "cpu": 4 * 2**20}
 
 
+# On a CPU, a loss about to be differentiated runs forward and backward in one op, a block of
+# rows x every class at a time: three GEMMs where forward and backward over class chunks run
+# four. A block's logits take at most 16 MiB (or the N x chunk of a given chunk_size), and
+# it has at least 64 rows: GEMMs over fewer rows lose more than the fourth GEMM costs.
+_BLOCK_BYTES = 16 * 2**20
+_MIN_BLOCK_ROWS = 64
+
+
 def default_chunk_size(num_rows, device):
     """Classes per chunk so that N x chunk fp32 values fit the device's cache budget."""
     budget = _CHUNK_BYTES.get(torch.device(device).type, _CHUNK_BYTES["cpu"])
@@ -74,6 +82,28 @@ def _(embeddings, weight, labels, scale, m1, m2, m3, sphere_lambda, margin_kind,
             embeddings.new_empty((n, last * sub_centers)))
 
 
+@torch.library.register_fake("facekernels::margin_softmax_forward_backward")
+def _(embeddings, weight, labels, scale, m1, m2, m3, sphere_lambda, margin_kind, exact_gradient,
+      normalize_embeddings, normalize_weight, block_rows, labels_in_range=True, rows=None,
+      interclass_filtering_threshold=0.0, row_m2=None, row_m3=None, sub_centers=1,
+      hard_threshold=None, hard_t=None, grad_scale=1.0, embeddings_grad=True, weight_grad=True,
+      margins_grad=False):
+    check_one_device(_OP, embeddings=embeddings, weight=weight, labels=labels, rows=rows, row_m2=row_m2,
+                     row_m3=row_m3, hard_threshold=hard_threshold, hard_t=hard_t)
+    check_tensors(embeddings, weight, labels)
+    n = embeddings.shape[0]
+    acc = accumulate_dtype(embeddings.dtype)
+    per_row = [embeddings.new_empty((n,), dtype=acc) for _ in range(4)]
+
+    def margin_gradient(t):
+        return embeddings.new_empty((n if margins_grad and t is not None else 0,), dtype=acc)
+
+    return (*per_row, embeddings.new_empty((n,), dtype=torch.int64),
+            embeddings.new_empty(embeddings.shape if embeddings_grad else (0, embeddings.shape[1])),
+            weight.new_empty(weight.shape if weight_grad else (0, weight.shape[1])),
+            margin_gradient(row_m2), margin_gradient(row_m3))
+
+
 @torch.library.register_fake("facekernels::margin_softmax_backward")
 def _(grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, scale, m1, m2,
       m3, sphere_lambda, margin_kind, exact_gradient, normalize_embeddings, normalize_weight,
@@ -106,7 +136,7 @@ _EXTRAS = {"rows": None, "interclass_filtering_threshold": 0.0, "row_m2": None, 
 _M2_INDEX = 4 + _NUM_OPTIONS + list(_EXTRAS).index("row_m2")  # row_m3 follows
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, keep_logits=True):
     embeddings, weight, labels = inputs[:3]
     ctx.options = inputs[3:3 + _NUM_OPTIONS]
     extras = {**_EXTRAS, **dict(zip(_EXTRAS, inputs[4 + _NUM_OPTIONS:]))}
@@ -120,7 +150,7 @@ def _setup_context(ctx, inputs, output):
     # logits GEMM at all, for N x C extra (at most N x chunk). With more chunks it would
     # spare a fraction of them and hold N x chunk beyond the backward's own buffer.
     classes = _class_count(weight, tensors[0], extras["sub_centers"])
-    kept = last_logits if classes <= ctx.options[-1] else None  # chunk_size
+    kept = last_logits if keep_logits and classes <= ctx.options[-1] else None  # chunk_size
     ctx.save_for_backward(embeddings, weight, labels, row_max, log_sum, kept, *tensors)
     ctx.extras = extras  # the non-tensor ones
 
@@ -132,17 +162,29 @@ def _backward(ctx, grad_max, grad_log_sum, grad_target, grad_best, grad_predicte
         grad_log_sum = torch.zeros_like(log_sum)
     if grad_target is None:
         grad_target = torch.zeros_like(log_sum)
-    needs = ctx.needs_input_grad + (False,) * (_M2_INDEX + 2 - len(ctx.needs_input_grad))
-    margins_grad = needs[_M2_INDEX] or needs[_M2_INDEX + 1]
-    grad_embeddings, grad_weight, grad_m2, grad_m3 = torch.ops.facekernels.margin_softmax_backward(
+    needs = _needs(ctx)
+    gradients = torch.ops.facekernels.margin_softmax_backward(
         grad_log_sum, grad_target, embeddings, weight, labels, row_max, log_sum, *ctx.options,
         embeddings_grad=needs[0], weight_grad=needs[1], rows=rows, row_m2=row_m2,
-        row_m3=row_m3, hard_threshold=hard, hard_t=hard_t, margins_grad=margins_grad,
-        last_logits=last_logits, **ctx.extras,
+        row_m3=row_m3, hard_threshold=hard, hard_t=hard_t,
+        margins_grad=needs[_M2_INDEX] or needs[_M2_INDEX + 1], last_logits=last_logits,
+        **ctx.extras,
     )
+    return _input_grads(ctx, *gradients)
+
+
+def _needs(ctx):
+    """needs_input_grad, padded to the per-row margins' positions."""
+    return ctx.needs_input_grad + (False,) * (_M2_INDEX + 2 - len(ctx.needs_input_grad))
+
+
+def _input_grads(ctx, grad_embeddings, grad_weight, grad_m2, grad_m3):
+    """The op's gradients in the places (and the margins' dtypes) of the inputs that want one."""
+    needs = _needs(ctx)
     grads = [None] * len(ctx.needs_input_grad)
     grads[0] = grad_embeddings if needs[0] else None
     grads[1] = grad_weight if needs[1] else None
+    row_m2, row_m3 = ctx.saved_tensors[7:9]
     if needs[_M2_INDEX]:
         grads[_M2_INDEX] = grad_m2.to(row_m2.dtype)
     if needs[_M2_INDEX + 1]:
@@ -156,20 +198,58 @@ torch.library.register_autograd(
 
 
 class _MarginSoftmax(torch.autograd.Function):
-    """The same autograd, for our own calls, which pass every argument. The wrapper that
-    register_autograd builds refills the schema's defaults on each grad-mode call
-    (torch._library.utils.fill_defaults reads schema.arguments, a fresh list, once per
-    argument): 0.2 ms a call for this op's 21 arguments, a quarter of a small step. Inside
-    this Function grad mode is off, so the op skips that wrapper. pytorch/pytorch#195110
-    fixes it upstream."""
+    """The same autograd, for our own calls, which pass every argument, then block_rows and
+    grad_scale. The wrapper that register_autograd builds refills the schema's defaults on
+    each grad-mode call (torch._library.utils.fill_defaults reads schema.arguments, a fresh
+    list, once per argument): 0.2 ms a call for this op's 21 arguments, a quarter of a small
+    step. Inside this Function grad mode is off, so the op skips that wrapper.
+    pytorch/pytorch#195110 fixes it upstream.
+
+    block_rows > 0: the forward computes the gradients of grad_scale * sum_i loss_i as well
+    (margin_softmax_forward_backward, three GEMMs where forward and backward take four),
+    and the backward hands them out, scaled, when its incoming gradient is that one times a
+    constant (a mean or sum of the rows' losses, scaled or not); for any other, and for a
+    second backward of the graph, it runs the backward op."""
 
     @staticmethod
     def forward(ctx, *inputs):  # not split: a separate setup_context costs an inspect.signature
-        output = torch.ops.facekernels.margin_softmax_forward(*inputs)
-        _setup_context(ctx, inputs, output)
+        *inputs, block_rows, grad_scale = inputs
+        ctx.gradients = None
+        if not block_rows:
+            output = torch.ops.facekernels.margin_softmax_forward(*inputs)
+            _setup_context(ctx, inputs, output)
+            return output
+        needs = _needs(ctx)
+        *output, grad_embeddings, grad_weight, grad_m2, grad_m3 = (
+            torch.ops.facekernels.margin_softmax_forward_backward(
+                *inputs[:12], block_rows, *inputs[13:], grad_scale, needs[0], needs[1],
+                needs[_M2_INDEX] or needs[_M2_INDEX + 1]))
+        output = (*output, inputs[0].new_empty((inputs[0].shape[0], 0)))  # no last_logits
+        _setup_context(ctx, inputs, output, keep_logits=False)
+        ctx.gradients = (grad_embeddings, grad_weight, grad_m2, grad_m3)
+        ctx.grad_scale = grad_scale
         return output
 
-    backward = staticmethod(_backward)
+    @staticmethod
+    def backward(ctx, *grads):
+        gradients, ctx.gradients = ctx.gradients, None  # a graph kept for more runs recomputes
+        if gradients is not None:
+            ratio = _ratio_to(ctx.grad_scale, grads[1], grads[2])
+            if ratio is not None:
+                return _input_grads(ctx, *(g if ratio == 1 else g.mul_(ratio) for g in gradients))
+        return _backward(ctx, *grads)
+
+
+def _ratio_to(grad_scale, grad_log_sum, grad_target):
+    """c / grad_scale when d loss / d log_sum is c for every row and d loss / d target_logit is
+    -c (the gradient of c * sum_i loss_i), else None."""
+    if grad_log_sum is None or grad_target is None:
+        return None
+    c = grad_log_sum[0]
+    if not bool(((grad_log_sum == c) & (grad_target == -c)).all()):
+        return None
+    expected = c.new_tensor(grad_scale)  # rounded as the op's gradients were
+    return 1 if bool(c == expected) else (c / expected).item()
 
 
 def _check_row_values(name, values, embeddings):
@@ -187,7 +267,7 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
                         gradient, normalize_embeddings, normalize_weight, chunk_size,
                         labels_in_range=True, rows=None, interclass_filtering_threshold=0.0,
                         row_m2=None, row_m3=None, sub_centers=1, hard_threshold=None,
-                        hard_t=None):
+                        hard_t=None, grad_scale=None):
     """Per row (row_max, log_sum, target_logit, predicted) of the fused op: the softmax's
     log-sum-exp is row_max + log_sum, and the loss log_sum + (row_max - target_logit).
 
@@ -199,6 +279,10 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
     sub_centers per class (weight [C * K, D], class-major), or CurricularFace's per-row
     hard_threshold and hard_t (a non-target cosine c above hard_threshold_i becomes
     c (hard_t_i + c); tensors, so that a compiled graph does not specialize on t).
+
+    grad_scale: the caller's loss is grad_scale * sum_i (log_sum + row_max - target_logit)_i
+    times a constant (its mean is 1 / N): a CPU forward in grad mode may then run the
+    backward's work at once (see _MarginSoftmax). None: any other use of the outputs.
     """
     check_tensors(embeddings, weight, labels)
     check_choice(_OP, "gradient", gradient, _GRADIENTS)
@@ -212,16 +296,21 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
         _check_row_values(name, values, embeddings)
     if (hard_threshold is None) != (hard_t is None):
         raise ValueError(f"{_OP}: hard_threshold and hard_t go together")
-    if chunk_size is None:
-        chunk_size = max(1, default_chunk_size(embeddings.shape[0], embeddings.device) // sub_centers)
-    else:
+    given_chunk = chunk_size is not None
+    if given_chunk:
         check_chunk_size(_OP, chunk_size)
+    else:
+        chunk_size = max(1, default_chunk_size(embeddings.shape[0], embeddings.device) // sub_centers)
     device_type = embeddings.device.type
     if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
             and embeddings.dtype == torch.float32):
         # The GEMMs run in the autocast dtype; the weight's chunks are cast inside the op,
         # so an fp32 master weight is never copied whole, and its gradient stays fp32.
         embeddings = embeddings.to(torch.get_autocast_dtype(device_type))
+    block_rows = 0
+    if grad_scale is not None and _differentiated(embeddings, weight, row_m2, row_m3):
+        block_rows = _block_rows(embeddings, _class_count(weight, rows, sub_centers) * sub_centers,
+                                 chunk_size * sub_centers if given_chunk else None)
     row_max, log_sum, target_logit, _, predicted, _ = _MarginSoftmax.apply(
         embeddings,
         weight,
@@ -244,8 +333,29 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
         sub_centers,
         hard_threshold,
         hard_t,
+        block_rows,
+        grad_scale,
     )
     return row_max, log_sum, target_logit, predicted
+
+
+def _differentiated(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _block_rows(embeddings, columns, chunk_columns):
+    """Rows per block of the one-op forward and backward for C x K = columns logits per row
+    (chunk_columns: a given chunk's, whose N x chunk bounds the block), or 0 where it does not
+    pay: off the CPU (to be measured on a GPU), in a compiled graph (whose backward cannot
+    branch on the incoming gradient), with no classes, or in blocks of too few rows."""
+    if embeddings.device.type != "cpu" or torch.compiler.is_compiling() or not columns:
+        return 0
+    n = embeddings.shape[0]
+    budget = _BLOCK_BYTES // 4 if chunk_columns is None else n * chunk_columns
+    rows = min(n, budget // columns)
+    if rows < min(n, _MIN_BLOCK_ROWS):
+        return 0
+    return -(-n // -(-n // rows))  # as many blocks, of equal rows
 
 
 def fused_margin_loss(embeddings, weight, labels, *, reduction, return_predictions,
@@ -253,7 +363,13 @@ def fused_margin_loss(embeddings, weight, labels, *, reduction, return_predictio
     """The common path of every margin-softmax flavour; see margin_softmax_loss. penalty:
     a per-row term [N] added to each row's loss before the reduction (MagFace's g)."""
     check_modes(reduction, options["gradient"])
-    row_max, log_sum, target_logit, predicted = margin_softmax_rows(embeddings, weight, labels, **options)
+    check_embeddings(_OP, embeddings)
+    # Each row's loss is log_sum + row_max - target_logit (+ penalty, which does not change
+    # their gradients), the sum of which "sum" and "none" pass on with weight 1 (a caller
+    # may weigh them otherwise) and "mean" with 1 / N.
+    grad_scale = 1.0 / embeddings.shape[0] if reduction == "mean" else 1.0
+    row_max, log_sum, target_logit, predicted = margin_softmax_rows(
+        embeddings, weight, labels, grad_scale=grad_scale, **options)
     # The target is usually the largest logit: subtracting it from the max first keeps a
     # small loss accurate (lse - target would cancel two large numbers).
     loss = log_sum + (row_max - target_logit)
@@ -301,11 +417,16 @@ def margin_softmax_loss(
             only (insightface's and OpenSphere's behaviour).
         normalize_embeddings: False uses s |x_i| as row i's scale (SphereFace / NormFace).
         chunk_size: classes per chunk; default: N x chunk fp32 values in about 32 MiB on a
-            GPU (its L2 cache), 4 MiB on a CPU.
+            GPU (its L2 cache), 4 MiB on a CPU. A given one also bounds the CPU step's blocks.
         return_predictions: also return each row's argmax of the margin-free cosine
             (int64 [N]) for the training accuracy, at no extra pass.
 
     Extra memory: the two gradients, N x chunk logits and chunk x D weight rows; never N x C.
+    On a CPU in grad mode, where blocks of at least 64 rows (or all N) x every class fit
+    16 MiB of logits (N x chunk_size when given), forward and backward run as one step
+    over such blocks (three GEMMs where the two passes take four): the forward then holds
+    the gradients until the backward, and one block's logits; with bf16 / fp16 GEMMs or
+    sampled rows, also the weight's rows in the GEMM dtype and an fp32 sum of its gradient.
     """
     return fused_margin_loss(
         embeddings, weight, labels, kind=COMBINED, scale=scale, m1=m1, m2=m2, m3=m3,
