@@ -233,7 +233,8 @@ def test_block_rows():
     x = torch.empty(256, 4)
     assert ms._block_rows(x, 20_000, None) == 128  # 2 blocks of 16 MiB at most
     assert ms._block_rows(x, 1_000, None) == 256
-    assert ms._block_rows(x, 100_000, None) == 0  # 41 rows: too thin
+    assert ms._block_rows(x, 50_000, None) == 0  # 83 rows: too thin
+    assert ms._block_rows(x, 100_000, None) == 0
     assert ms._block_rows(x, 20_000, 10_000) == 128  # N x chunk = 2.56 M logits: 128 rows
     assert ms._block_rows(x, 20_000, 2_000) == 0  # N x chunk = 512 K logits: 25 rows
     assert ms._block_rows(x[:10], 1_000_000, None) == 0
