@@ -27,6 +27,20 @@ CASES = {
 HEAD = ("scale", "m1", "m2", "m3", "sphere_lambda", "margin_kind", "exact_gradient",
         "normalize_embeddings", "normalize_weight", "chunk_size")
 
+# Two computations of one output that differ only in the exponentials' rounding and the
+# order of sums agree to this many epsilons of the accumulate type, normwise (relative to
+# the output's largest magnitude); outputs stored in half precision to one rounding of
+# that type on top.
+BOUND_EPS = 64
+
+
+def bound(dtype):
+    """The normwise bound for an output of `dtype` (see BOUND_EPS)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    half = torch.finfo(dtype).eps if dtype in (torch.bfloat16, torch.float16) else 0.0
+    return BOUND_EPS * torch.finfo(acc).eps + half
+
+
 # The forward's outputs (without last_logits), then the backward's.
 NAMES = ["row_max", "log_sum", "target_logit", "best_cosine", "predicted",
          "grad_embeddings", "grad_weight", "grad_m2", "grad_m3"]

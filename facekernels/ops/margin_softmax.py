@@ -72,16 +72,21 @@ def _(embeddings, weight, labels, scale, m1, m2, m3, sphere_lambda, margin_kind,
       normalize_embeddings, normalize_weight, chunk_size, labels_in_range=True, rows=None,
       interclass_filtering_threshold=0.0, row_m2=None, row_m3=None, sub_centers=1,
       hard_threshold=None, hard_t=None):
+    per_row = _fake_rows(embeddings, weight, labels, rows, row_m2, row_m3, hard_threshold, hard_t)
+    classes = _class_count(weight, rows, sub_centers)
+    last = classes - (classes - 1) // chunk_size * chunk_size if classes else 0
+    return (*per_row, embeddings.new_empty((embeddings.shape[0], last * sub_centers)))
+
+
+def _fake_rows(embeddings, weight, labels, rows, row_m2, row_m3, hard_threshold, hard_t):
+    """The checks of a forward's fake kernel, and its five per-row outputs."""
     check_one_device(_OP, embeddings=embeddings, weight=weight, labels=labels, rows=rows, row_m2=row_m2,
                      row_m3=row_m3, hard_threshold=hard_threshold, hard_t=hard_t)
     check_tensors(embeddings, weight, labels)
     n = embeddings.shape[0]
     acc = accumulate_dtype(embeddings.dtype)
-    per_row = [embeddings.new_empty((n,), dtype=acc) for _ in range(4)]
-    classes = _class_count(weight, rows, sub_centers)
-    last = classes - (classes - 1) // chunk_size * chunk_size if classes else 0
-    return (*per_row, embeddings.new_empty((n,), dtype=torch.int64),
-            embeddings.new_empty((n, last * sub_centers)))
+    return (*(embeddings.new_empty((n,), dtype=acc) for _ in range(4)),
+            embeddings.new_empty((n,), dtype=torch.int64))
 
 
 @torch.library.register_fake("facekernels::margin_softmax_forward_backward")
@@ -90,17 +95,13 @@ def _(embeddings, weight, labels, scale, m1, m2, m3, sphere_lambda, margin_kind,
       interclass_filtering_threshold=0.0, row_m2=None, row_m3=None, sub_centers=1,
       hard_threshold=None, hard_t=None, grad_scale=1.0, embeddings_grad=True, weight_grad=True,
       margins_grad=False):
-    check_one_device(_OP, embeddings=embeddings, weight=weight, labels=labels, rows=rows, row_m2=row_m2,
-                     row_m3=row_m3, hard_threshold=hard_threshold, hard_t=hard_t)
-    check_tensors(embeddings, weight, labels)
-    n = embeddings.shape[0]
-    acc = accumulate_dtype(embeddings.dtype)
-    per_row = [embeddings.new_empty((n,), dtype=acc) for _ in range(4)]
+    per_row = _fake_rows(embeddings, weight, labels, rows, row_m2, row_m3, hard_threshold, hard_t)
 
     def margin_gradient(t):
-        return embeddings.new_empty((n if margins_grad and t is not None else 0,), dtype=acc)
+        n = embeddings.shape[0] if margins_grad and t is not None else 0
+        return embeddings.new_empty((n,), dtype=accumulate_dtype(embeddings.dtype))
 
-    return (*per_row, embeddings.new_empty((n,), dtype=torch.int64),
+    return (*per_row,
             embeddings.new_empty(embeddings.shape if embeddings_grad else (0, embeddings.shape[1])),
             weight.new_empty(weight.shape if weight_grad else (0, weight.shape[1])),
             margin_gradient(row_m2), margin_gradient(row_m3))
