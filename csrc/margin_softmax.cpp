@@ -309,13 +309,20 @@ struct Call {
   Classes classes;
 };
 
+// labels_in_range: the labels must index the classes. Checked here rather than in Python,
+// so that a compiled graph checks too (one sync on a GPU); the backward takes the forward's.
 Call checked_call(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
-                  const MarginOptions& raw_options, const std::optional<at::Tensor>& rows) {
+                  const MarginOptions& raw_options, const std::optional<at::Tensor>& rows,
+                  bool labels_in_range) {
   check_inputs(embeddings, weight, labels, raw_options);
   MarginOptions options =
       with_row_inputs(raw_options, embeddings, at::toOpMathType(embeddings.scalar_type()));
   const int64_t sub_centers = options.sub_centers;
-  return {std::move(options), classes_of(weight, rows, sub_centers)};
+  Call call{std::move(options), classes_of(weight, rows, sub_centers)};
+  if (labels_in_range) {
+    check_labels(kOp, labels, embeddings.size(0), call.classes.count());
+  }
+  return call;
 }
 
 RowState initial_state(int64_t n, const at::TensorOptions& acc, const at::Tensor& labels) {
@@ -502,13 +509,9 @@ ForwardOutputs margin_softmax_forward_impl(
     ForwardEpilogue epilogue) {
   // Dtypes are chosen here (GEMMs in the embeddings' dtype): autocast must not re-cast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Call call = checked_call(embeddings, weight, labels, raw_options, rows);
+  const Call call = checked_call(embeddings, weight, labels, raw_options, rows, labels_in_range);
   const MarginOptions& options = call.options;
   const Classes& classes = call.classes;
-  if (labels_in_range) {
-    // Here rather than in Python, so that a compiled graph checks too (one sync on a GPU).
-    check_labels(kOp, labels, embeddings.size(0), classes.count());
-  }
   const c10::DeviceGuard device(embeddings.device());
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = classes.count();
@@ -537,7 +540,8 @@ Gradients margin_softmax_backward_impl(
     bool weight_grad, bool margins_grad, const std::optional<at::Tensor>& rows,
     const std::optional<at::Tensor>& last_logits, BackwardEpilogue epilogue) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Call call = checked_call(embeddings, weight, labels, raw_options, rows);
+  const Call call = checked_call(embeddings, weight, labels, raw_options, rows,
+                                 /*labels_in_range=*/false);
   const MarginOptions& options = call.options;
   const Classes& classes = call.classes;
   // These reach the kernels as raw pointers: on the embeddings' device, or an error.
@@ -604,13 +608,10 @@ GradOutputs margin_softmax_forward_backward_impl(
     int64_t block_rows, double grad_scale, bool embeddings_grad, bool weight_grad,
     bool margins_grad, StepEpilogue epilogue) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Call call = checked_call(embeddings, weight, labels, raw_options, rows);
+  TORCH_CHECK_VALUE(block_rows > 0, kOp, ": block_rows must be positive, got ", block_rows);
+  const Call call = checked_call(embeddings, weight, labels, raw_options, rows, labels_in_range);
   const MarginOptions& options = call.options;
   const Classes& classes = call.classes;
-  TORCH_CHECK_VALUE(block_rows > 0, kOp, ": block_rows must be positive, got ", block_rows);
-  if (labels_in_range) {
-    check_labels(kOp, labels, embeddings.size(0), classes.count());
-  }
   const c10::DeviceGuard device(embeddings.device());
   const at::ScalarType dtype = embeddings.scalar_type();
   const int64_t n = embeddings.size(0), num_classes = classes.count(), k = options.sub_centers;

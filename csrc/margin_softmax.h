@@ -359,10 +359,10 @@ Gradients margin_softmax_backward_impl(
     const std::optional<at::Tensor>& last_logits, BackwardEpilogue epilogue);
 
 // The forward's five per-row outputs and the backward's four gradients, those of
-// grad_scale * sum_i loss_i, in one call: blocks of block_rows rows that each see every class at once,
-// so that each block's z feeds the backward's GEMMs as soon as its rows' log-sum-exp is
-// known. Three GEMMs where a forward and a backward over class chunks take four, for a
-// block_rows x C (x K) buffer in place of N x chunk.
+// grad_scale * sum_i loss_i, in one call: blocks of block_rows rows that each see every
+// class at once, so that each block's z feeds the backward's GEMMs as soon as its rows'
+// log-sum-exp is known. Three GEMMs where a forward and a backward over class chunks take
+// four, for a block_rows x C (x K) buffer in place of N x chunk.
 using GradOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 GradOutputs margin_softmax_forward_backward_impl(

@@ -70,9 +70,9 @@ inline void define_ops(torch::Library& m) {
       "bool labels_in_range=True, Tensor? rows=None, float interclass_filtering_threshold=0.0, "
       "Tensor? row_m2=None, Tensor? row_m3=None, int sub_centers=1, Tensor? hard_threshold=None, "
       "Tensor? hard_t=None, float grad_scale=1.0, bool embeddings_grad=True, "
-      "bool weight_grad=True, bool margins_grad=False) -> (Tensor row_max, Tensor log_sum, Tensor target_logit, "
-      "Tensor best_cosine, Tensor predicted, Tensor grad_embeddings, Tensor grad_weight, "
-      "Tensor grad_m2, Tensor grad_m3)");
+      "bool weight_grad=True, bool margins_grad=False) -> (Tensor row_max, Tensor log_sum, "
+      "Tensor target_logit, Tensor best_cosine, Tensor predicted, Tensor grad_embeddings, "
+      "Tensor grad_weight, Tensor grad_m2, Tensor grad_m3)");
 
   // Triplet margin loss over a dissimilarity matrix dist [N, M] (larger = farther), mining
   // 0 all, 1 hard, 2 semihard, 3 easy, 4 batch_hard, 5 facenet, 6 every triplet; positives

@@ -41,6 +41,8 @@ def bound(dtype):
     return BOUND_EPS * torch.finfo(acc).eps + half
 
 
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
 # The forward's outputs (without last_logits), then the backward's.
 NAMES = ["row_max", "log_sum", "target_logit", "best_cosine", "predicted",
          "grad_embeddings", "grad_weight", "grad_m2", "grad_m3"]
@@ -89,3 +91,17 @@ def arguments(options, x, w, y, g, **overrides):
         labels_in_range = False
     weight = w if k == 1 else w[: (C // k) * k]
     return weight, [o[name] for name in HEAD], extra, labels_in_range
+
+
+def forward_then_backward(options, x, w, y, g, incoming, **overrides):
+    """The forward op, then the backward op with the incoming gradients that
+    incoming(accumulate dtype) gives, (d/d log_sum, d/d target_logit): every output of both
+    but last_logits, as NAMES."""
+    weight, head, extra, labels_in_range = arguments(options, x, w, y, g, **overrides)
+    ops = torch.ops.facekernels
+    forward = ops.margin_softmax_forward(x, weight, y, *head, labels_in_range=labels_in_range, **extra)
+    row_max, log_sum = forward[0], forward[1]
+    grad_log_sum, grad_target = incoming(log_sum.dtype)
+    backward = ops.margin_softmax_backward(grad_log_sum, grad_target, x, weight, y, row_max, log_sum,
+                                           *head, margins_grad=True, **extra)
+    return forward[:5] + backward

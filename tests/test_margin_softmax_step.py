@@ -10,11 +10,11 @@ import torch
 import facekernels
 import simt
 from facekernels.ops import margin_softmax as ms
-from margin_cases import CASES, NAMES, N, C, arguments, bound, inputs
+from margin_cases import (CASES, DTYPES, NAMES, N, C, arguments, bound,
+                          forward_then_backward, inputs)
 from test_margin_softmax import make_batch
 
 ops = torch.ops.facekernels
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # The step differs from the two ops only where its backward takes the forward's
 # exponentials, exp(l - max) / sum for exp(l - max - log sum): a few roundings apart; in
 # the order of some sums; and in its log of the sum (std::log per row, not ATen's vector
@@ -24,12 +24,12 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 def two_ops(options, x, w, y, g, grad_scale):
     """Forward, then backward with d/d log_sum = grad_scale, d/d target_logit = -grad_scale,
     every class in one chunk: the GEMMs of the step's one block."""
-    weight, head, extra, labels_in_range = arguments(options, x, w, y, g, chunk_size=C)
-    forward = ops.margin_softmax_forward(x, weight, y, *head, labels_in_range=labels_in_range, **extra)
-    grads = torch.full((N,), grad_scale, dtype=forward[1].dtype)
-    backward = ops.margin_softmax_backward(grads, -grads, x, weight, y, forward[0], forward[1], *head,
-                                           margins_grad=True, **extra)
-    return forward[:5] + backward
+
+    def incoming(acc):
+        grads = torch.full((N,), grad_scale, dtype=acc)
+        return grads, -grads
+
+    return forward_then_backward(options, x, w, y, g, incoming, chunk_size=C)
 
 
 def step(options, x, w, y, g, grad_scale, block_rows=N):

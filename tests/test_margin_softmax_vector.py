@@ -16,7 +16,7 @@ import torch
 
 import facekernels  # noqa: F401  (registers the ops)
 import simt
-from margin_cases import CASES, NAMES, N, arguments, bound, inputs
+from margin_cases import CASES, DTYPES, NAMES, N, bound, forward_then_backward, inputs
 
 pytestmark = pytest.mark.skipif(not simt.enabled, reason="needs the SIMT emulation (FACEKERNELS_SIMT=0)")
 
@@ -26,21 +26,14 @@ pytestmark = pytest.mark.skipif(not simt.enabled, reason="needs the SIMT emulati
 # vector path must be as accurate as the scalar one: its error against the fp64 result on
 # the same inputs at most twice the scalar path's, plus the bound.
 ILL_CONDITIONED = ("grad_embeddings", "grad_weight")
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
 def call(options, x, w, y, g):
-    """The forward and backward ops with `options`: every output of both."""
-    weight, head, extra, labels_in_range = arguments(options, x, w, y, g)
-    ops = torch.ops.facekernels
-    forward = ops.margin_softmax_forward(x, weight, y, *head, labels_in_range=labels_in_range, **extra)
-    row_max, log_sum = forward[0], forward[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    grad_log_sum = torch.rand(N, generator=g, dtype=torch.float64).to(acc)
-    grad_target = -torch.rand(N, generator=g, dtype=torch.float64).to(acc)
-    backward = ops.margin_softmax_backward(grad_log_sum, grad_target, x, weight, y, row_max, log_sum,
-                                           *head, margins_grad=True, **extra)
-    return forward[:5] + backward  # without last_logits, as NAMES
+    """The forward and backward ops with `options`, random incoming gradients."""
+
+    def incoming(acc):
+        return (torch.rand(N, generator=g, dtype=torch.float64).to(acc),
+                -torch.rand(N, generator=g, dtype=torch.float64).to(acc))
+
+    return forward_then_backward(options, x, w, y, g, incoming)
 
 
 def outputs(options, dtype, seed, compute_dtype=None):
