@@ -223,9 +223,10 @@ def test_under_autocast_the_step_keeps_an_fp32_weight_gradient(monkeypatch):
 
 
 def test_block_rows():
-    """Blocks of equal rows whose logits fit the budget (a given chunk's N x chunk), only on
-    a CPU, and only as many rows as pay for the GEMMs."""
-    x = torch.empty(256, 4)
+    """Blocks of equal rows whose logits fit the budget (16 MiB; or up to D rows, no more
+    numbers than the weight rows seen, within 256 MiB; a given chunk's N x chunk), only on a
+    CPU, and only as many rows as pay for the GEMMs."""
+    x = torch.empty(256, 4)  # D = 4: the 16 MiB alone
     assert ms._block_rows(x, 20_000, None) == 128  # 2 blocks of 16 MiB at most
     assert ms._block_rows(x, 1_000, None) == 256
     assert ms._block_rows(x, 50_000, None) == 0  # 83 rows: too thin
@@ -235,6 +236,13 @@ def test_block_rows():
     assert ms._block_rows(x[:10], 1_000_000, None) == 0
     assert ms._block_rows(x[:3], 1_000_000, None) == 3  # 4 rows fit, and a block holds all 3
     assert ms._block_rows(x, 0, None) == 0
+    assert ms._block_rows(torch.empty(256, 128), 100_000, None) == 128  # 51 MB, as the weight
+    assert ms._block_rows(torch.empty(256, 512), 200_000, None) == 256  # 205 MB
+    assert ms._block_rows(torch.empty(256, 512), 400_000, None) == 128  # 167 rows in 256 MiB
+    assert ms._block_rows(torch.empty(256, 512), 1_000_000, None) == 0  # 64 rows in 256 MiB
+    assert ms._block_rows(torch.empty(300, 512), 20_000, None) == 300  # max(209, 512) rows
+    assert ms._block_rows(torch.empty(256, 64), 100_000, None) == 0  # 64 rows: too thin
+    assert ms._block_rows(torch.empty(256, 512), 100_000, 1_000) == 0  # the chunk bounds it
     assert ms._block_rows(x.to("meta"), 1_000, None) == 0
 
 

@@ -26,11 +26,16 @@ _CHUNK_BYTES = {"cuda": 32 * 2**20, "cpu": 4 * 2**20}
 
 # On a CPU, a loss about to be differentiated runs forward and backward in one op, a block of
 # rows x every class at a time: three GEMMs where forward and backward over class chunks run
-# four. A block's logits take at most 16 MiB (or the N x chunk of a given chunk_size), and
-# it has at least 128 rows (or all N): each block reads the whole weight three times, and
-# thinner ones lost more than the fourth GEMM costs (sub-center ArcFace, K = 3, C = 20K,
-# D = 512, in blocks of 64: 1.41-1.43x the floor before, 1.52-1.64x after).
-_BLOCK_BYTES = 16 * 2**20
+# four. A block has at least 128 rows (or all N): each block reads the whole weight three
+# times, and thinner ones lost more than the fourth GEMM costs (sub-center ArcFace, K = 3,
+# C = 20K, D = 512, in blocks of 64: 1.41-1.43x the floor before, 1.52-1.64x after). Its
+# logits take 16 MiB; or up to D rows, no more numbers than the weight rows it sees (so the
+# extra memory stays within the weight gradient's), within 256 MiB; or the N x chunk of a
+# given chunk_size. The GEMM saved grows with D, the epilogue's cache misses on a larger
+# block do not: at D = 512, C = 200K a 205 MB block ran 1.17x the floor against the two
+# passes' 1.39x; at D = 128, C = 100K and 200K, 51 and 102 MB blocks ran even with them; at
+# D = 512, C = 1M a 1 GB block lost (0.76x the floor's time against 0.66x).
+_BLOCK_BYTES = 16 * 2**20, 256 * 2**20
 _MIN_BLOCK_ROWS = 128
 
 
@@ -363,9 +368,12 @@ def _block_rows(embeddings, columns, chunk_columns):
     branch on the incoming gradient), with no classes, or in blocks of too few rows."""
     if embeddings.device.type != "cpu" or torch.compiler.is_compiling() or not columns:
         return 0
-    n = embeddings.shape[0]
-    budget = _BLOCK_BYTES // 4 if chunk_columns is None else n * chunk_columns
-    rows = min(n, budget // columns)
+    n, dim = embeddings.shape
+    if chunk_columns is None:
+        small, large = (budget // 4 // columns for budget in _BLOCK_BYTES)
+        rows = min(n, max(small, min(dim, large)))
+    else:
+        rows = min(n, n * chunk_columns // columns)
     if rows < min(n, _MIN_BLOCK_ROWS):
         return 0
     return -(-n // -(-n // rows))  # as many blocks, of equal rows
@@ -436,8 +444,8 @@ def margin_softmax_loss(
 
     Extra memory: the two gradients, N x chunk logits and chunk x D weight rows; never N x C.
     On a CPU in grad mode, where blocks of at least 128 rows (or all N) x every class fit
-    16 MiB of logits (N x chunk_size when given), forward and backward run as one step
-    over such blocks (three GEMMs where the two passes take four): the forward then holds
+    16 MiB of logits, or D rows within 256 MiB (N x chunk_size when given), forward and
+    backward run as one step over such blocks (three GEMMs where the two passes take four): the forward then holds
     the gradients until the backward, and one block's logits; with bf16 / fp16 GEMMs or
     sampled rows, also the weight's rows in the GEMM dtype and an fp32 sum of its gradient.
     """
