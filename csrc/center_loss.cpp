@@ -4,6 +4,10 @@
 
 #include "common/checks.h"
 
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
 namespace facekernels {
 namespace {
 
@@ -12,9 +16,25 @@ at::ScalarType accumulate_type(at::ScalarType dtype) {
 }
 
 void group_by_label(const at::Tensor& labels, at::Tensor& sorted_labels, at::Tensor& members) {
-  auto [values, order] = labels.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
-  sorted_labels = values.contiguous();
-  members = order.contiguous();
+  if (!labels.is_cpu()) {
+    auto [values, order] = labels.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+    sorted_labels = values.contiguous();
+    members = order.contiguous();
+    return;
+  }
+  // The same stable order, without ATen's sort setup (70 us of a 1.3 ms step at N = 512).
+  const at::Tensor values = labels.contiguous();
+  const int64_t* label = values.const_data_ptr<int64_t>();
+  const int64_t n = labels.size(0);
+  members = at::empty({n}, labels.options());
+  sorted_labels = at::empty({n}, labels.options());
+  int64_t* order = members.mutable_data_ptr<int64_t>();
+  std::iota(order, order + n, int64_t(0));
+  std::stable_sort(order, order + n, [&](int64_t a, int64_t b) { return label[a] < label[b]; });
+  int64_t* sorted = sorted_labels.mutable_data_ptr<int64_t>();
+  for (int64_t k = 0; k < n; ++k) {
+    sorted[k] = label[order[k]];
+  }
 }
 
 }  // namespace
@@ -54,13 +74,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_forward_finish(const Cente
   // A NaN or inf row would make its class's center non-finite for good: refuse the update
   // (the caller writes the centers only after this returns). A group's sum of squares is
   // finite iff all its differences are (and below 1.8e19 in fp32), and then so is its moved
-  // center: N numbers to read, not N x D. One sync on a GPU.
-  TORCH_CHECK_VALUE(f.updated.numel() == 0 || at::isfinite(f.partials).all().item<bool>(),
+  // center; the groups' sums, all >= 0, add up to a finite number iff they are all finite
+  // and the loss does not overflow: one number to read, not N x D. One sync on a GPU.
+  at::Tensor sum = f.partials.sum();
+  TORCH_CHECK_VALUE(f.updated.numel() == 0 || std::isfinite(sum.item<double>()),
                     "center_loss: embeddings (or the centers of their classes) hold non-finite "
                     "values, or differences too large to square; the centers were left unchanged");
   const double n = static_cast<double>(f.embeddings.size(0));
-  at::Tensor loss = f.partials.sum().mul_(0.5 / n).to(f.embeddings.scalar_type());
-  return {loss, f.diff, f.updated};
+  return {sum.mul_(0.5 / n).to(f.embeddings.scalar_type()), f.diff, f.updated};
 }
 
 CenterBackward center_backward_setup(const at::Tensor& grad_loss, const at::Tensor& diff,

@@ -168,6 +168,19 @@ def test_nan_embeddings_give_nan_loss(device):
     assert torch.isnan(facekernels.center_loss(x, labels, centers))
 
 
+def test_an_update_whose_loss_overflows_is_refused(device):
+    """Every group's sum of squares is finite (1e38 < 3.4e38), their sum is not: the update
+    is refused as for a non-finite row, and the centers stay as they were."""
+    x = torch.zeros(4, 2, device=device)
+    x[:, 0] = 1e19
+    labels = torch.tensor([0, 1, 2, 3], device=device)
+    centers = torch.zeros(4, 2, device=device)
+    with pytest.raises(ValueError, match="differences too large to square; the centers were left unchanged"):
+        facekernels.center_loss(x, labels, centers, update_centers=True)
+    assert not centers.any()
+    assert facekernels.center_loss(x, labels, centers) == float("inf")  # no update: the loss
+
+
 def test_opcheck(device):
     x, labels, centers = make_batch(10, 8, 4, device)
     for update in (False, True):

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace facekernels {
 
 inline void check_defined_floating(const char* op, const char* name, const at::Tensor& t) {
@@ -37,8 +39,18 @@ inline void check_labels(const char* op, const at::Tensor& labels, int64_t n,
   if (n == 0) {
     return;
   }
-  auto [lo, hi] = at::aminmax(labels);
-  const int64_t min = lo.item<int64_t>(), max = hi.item<int64_t>();
+  int64_t min, max;
+  if (labels.is_cpu()) {  // a loop: aminmax and two item() calls took 10 us
+    const at::Tensor values = labels.contiguous();
+    const int64_t* begin = values.const_data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(begin, begin + n);
+    min = *lo;
+    max = *hi;
+  } else {
+    const auto [lo, hi] = at::aminmax(labels);
+    min = lo.item<int64_t>();
+    max = hi.item<int64_t>();
+  }
   TORCH_CHECK_VALUE(min >= 0 && max < num_classes, op,
                     ": labels must be int64 with values in [0, ", num_classes, "), got ",
                     min < 0 ? "min " : "max ", min < 0 ? min : max);
