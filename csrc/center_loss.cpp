@@ -1,12 +1,14 @@
 #include "center_loss.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
-
-#include "common/checks.h"
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <utility>
+
+#include "common/checks.h"
 
 namespace facekernels {
 namespace {
@@ -82,6 +84,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> center_forward_finish(const Cente
                     "values, or differences too large to square; the centers were left unchanged");
   const double n = static_cast<double>(f.embeddings.size(0));
   return {sum.mul_(0.5 / n).to(f.embeddings.scalar_type()), f.diff, f.updated};
+}
+
+void check_center_update(const at::Tensor& centers, const at::Tensor& labels,
+                         const at::Tensor& updated) {
+  constexpr const char* op = "center_loss_update_";
+  check_defined_floating(op, "centers", centers);
+  check_dim(op, "centers", centers, 2);
+  TORCH_CHECK_VALUE(updated.dim() == 2 && updated.size(1) == centers.size(1), op,
+                    ": updated_centers must have shape [N, ", centers.size(1),
+                    "] to match centers, got ", updated.sizes());
+  TORCH_CHECK_TYPE(updated.scalar_type() == centers.scalar_type(), op,
+                   ": updated_centers and centers must share a dtype, got ",
+                   updated.scalar_type(), " and ", centers.scalar_type());
+  for (const auto& [name, t] : {std::pair{"labels", &labels}, std::pair{"updated_centers", &updated}}) {
+    TORCH_CHECK_VALUE(t->device() == centers.device(), op, ": ", name, " is on ", t->device(),
+                      " but centers is on ", centers.device());
+  }
+  check_labels(op, labels, updated.size(0), centers.size(0));
+  at::assert_no_overlap(centers, updated);
 }
 
 CenterBackward center_backward_setup(const at::Tensor& grad_loss, const at::Tensor& diff,

@@ -95,6 +95,10 @@ CenterForward center_forward_setup(const at::Tensor& embeddings, const at::Tenso
 // (loss, diff, updated), loss = sum(partials) / (2N) in the embeddings' dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> center_forward_finish(const CenterForward& f);
 
+// The checks of center_loss_update_, every device's.
+void check_center_update(const at::Tensor& centers, const at::Tensor& labels,
+                         const at::Tensor& updated);
+
 struct CenterBackward {
   at::Tensor diff;                    // contiguous
   at::Tensor sorted_labels, members;

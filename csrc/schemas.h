@@ -16,6 +16,9 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "center_loss_backward(Tensor grad_loss, Tensor diff, Tensor labels, int num_classes, "
       "bool centers_grad) -> (Tensor grad_embeddings, Tensor grad_centers)");
+  // centers[labels[i]] <- updated_centers[i] in place: the forward's moved centers, written
+  // once it has accepted the batch (rows of one class hold the same values).
+  m.def("center_loss_update_(Tensor(a!) centers, Tensor labels, Tensor updated_centers) -> ()");
 
   // Margin-softmax cross entropy over classes chunked chunk_size at a time: per row the
   // largest logit and log sum_j exp(logit_j - row_max) (a class shard's part of the

@@ -23,7 +23,8 @@ SOURCES = [s for s in SOURCES if s.name != "facekernels.cpp"]
 # The ops with a CUDA kernel: the ones the emulator replaces.
 OPS = ("margin_softmax_forward", "margin_softmax_backward", "margin_softmax_forward_backward",
        "triplet_margin_forward",
-       "triplet_mine", "center_loss_forward", "center_loss_backward", "pairwise_distance",
+       "triplet_mine", "center_loss_forward", "center_loss_backward", "center_loss_update_",
+       "pairwise_distance",
        "pairwise_distance_backward")
 
 enabled = os.environ.get("FACEKERNELS_SIMT", "1") != "0"

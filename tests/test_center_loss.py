@@ -196,6 +196,46 @@ def test_opcheck(device):
         )
 
 
+def test_opcheck_of_the_update(device):
+    x, labels, centers = make_batch(10, 8, 4, device)
+    torch.library.opcheck(torch.ops.facekernels.center_loss_update_.default, (centers, labels, x))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_the_update_writes_each_row_at_its_label(device, layout, dtype):
+    """As index_copy_, for rows of one class that hold the same values (the forward's)."""
+    x, labels, centers = make_batch(10, 8, 4, device)
+    rows = centers.index_select(0, labels).add_(torch.arange(4, device=device)[labels, None]).to(dtype)
+    centers = centers.to(dtype)
+    if layout == "strided":  # every other column of a wider table
+        centers = torch.zeros(4, 16, dtype=dtype, device=device)[:, ::2].copy_(centers)
+    want = centers.clone().index_copy_(0, labels, rows)
+    torch.ops.facekernels.center_loss_update_(centers, labels, rows)
+    assert torch.equal(centers, want)
+
+
+UPDATE_BAD_INPUTS = [
+    ("label >= C", lambda c, y, r: (c, y.index_fill(0, torch.tensor([1], device=y.device), 4), r),
+     ValueError, r"center_loss_update_: labels must be int64 with values in \[0, 4\), got max 4"),
+    ("D mismatch", lambda c, y, r: (c, y, r[:, :-1]), ValueError,
+     r"updated_centers must have shape \[N, 8\] to match centers"),
+    ("dtype mismatch", lambda c, y, r: (c, y, r.double()), TypeError, "must share a dtype"),
+    ("labels too short", lambda c, y, r: (c, y[:-1], r), ValueError, r"labels must have shape \[10\]"),
+]
+
+
+@pytest.mark.parametrize("case", UPDATE_BAD_INPUTS, ids=[case[0] for case in UPDATE_BAD_INPUTS])
+def test_a_bad_update_is_a_clear_error_and_centers_stay(device, case):
+    _, mutate, error, message = case
+    x, labels, centers = make_batch(10, 8, 4, device)
+    centers, labels, rows = mutate(centers, labels, x)
+    before = centers.clone()
+    with pytest.raises(error, match=message):
+        torch.ops.facekernels.center_loss_update_(centers, labels, rows)
+    assert torch.equal(centers, before)
+
+
 @pytest.mark.parametrize("update", ["paper", "gradient"])
 def test_torch_compile_fullgraph(device, update):
     torch._dynamo.reset()

@@ -33,6 +33,7 @@ OPS = {
     "center_loss_forward": (dict(embeddings=X, labels=Y, centers=W), dict(alpha=0.5, compute_update=True)),
     "center_loss_backward": (dict(grad_loss=torch.tensor(1.0), diff=X, labels=Y),
                              dict(num_classes=C, centers_grad=True)),
+    "center_loss_update_": (dict(centers=W.clone(), labels=Y, updated_centers=X), {}),
     "pairwise_distance": (dict(x=X, ref=X), dict(self_ref=True, squared=False)),
     "pairwise_distance_backward": (dict(grad=DIST, dist=DIST, x=X, ref=X), dict(squared=False)),
 }

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "center_loss.h"
@@ -123,11 +124,33 @@ std::tuple<at::Tensor, at::Tensor> center_loss_backward_cpu(const at::Tensor& gr
   return {b.grad_embeddings, b.grad_centers};
 }
 
+// A row at a time: ATen's index_copy_ indexes element by element (0.18 ms at N = 512,
+// D = 512, where the copies take a third of that).
+void center_loss_update_cpu(const at::Tensor& centers, const at::Tensor& labels,
+                            const at::Tensor& updated) {
+  check_center_update(centers, labels, updated);
+  if (!centers.is_contiguous()) {
+    centers.index_copy_(0, labels, updated);
+    return;
+  }
+  const at::Tensor rows = updated.contiguous(), index = labels.contiguous();
+  const int64_t n = rows.size(0), bytes = rows.size(1) * rows.element_size();
+  const int64_t* label = index.const_data_ptr<int64_t>();
+  const char* from = static_cast<const char*>(rows.const_data_ptr());
+  char* to = static_cast<char*>(centers.mutable_data_ptr());
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      std::memcpy(to + label[i] * bytes, from + i * bytes, bytes);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(facekernels, CPU, m) {
   m.impl("center_loss_forward", &center_loss_forward_cpu);
   m.impl("center_loss_backward", &center_loss_backward_cpu);
+  m.impl("center_loss_update_", &center_loss_update_cpu);
 }
 
 }  // namespace facekernels

@@ -106,11 +106,19 @@ std::tuple<at::Tensor, at::Tensor> center_loss_backward_cuda(const at::Tensor& g
   return {b.grad_embeddings, b.grad_centers};
 }
 
+void center_loss_update_cuda(const at::Tensor& centers, const at::Tensor& labels,
+                             const at::Tensor& updated) {
+  check_center_update(centers, labels, updated);
+  const DeviceGuard guard(centers.device());
+  centers.index_copy_(0, labels, updated);
+}
+
 }  // namespace
 
 FK_CUDA_KERNELS(m) {
   m.impl("center_loss_forward", &center_loss_forward_cuda);
   m.impl("center_loss_backward", &center_loss_backward_cuda);
+  m.impl("center_loss_update_", &center_loss_update_cuda);
 }
 
 }  // namespace facekernels

@@ -42,6 +42,12 @@ def _(grad_loss, diff, labels, num_classes, centers_grad):
     )
 
 
+@torch.library.register_fake("facekernels::center_loss_update_")
+def _(centers, labels, updated_centers):
+    check_one_device("center_loss_update_", centers=centers, labels=labels,
+                     updated_centers=updated_centers)
+
+
 def _setup_context(ctx, inputs, output):
     _, labels, centers, _, _ = inputs
     _, diff, updated = output
@@ -124,7 +130,6 @@ def center_loss(embeddings, labels, centers, *, alpha=0.5, update_centers=False)
         )
     loss, _, updated = _CenterLoss.apply(embeddings, labels, centers, float(alpha), update_centers)
     if update_centers:
-        # Rows of one class carry identical values, so the order of these writes is moot.
         with torch.no_grad():
-            centers.index_copy_(0, labels, updated)
+            torch.ops.facekernels.center_loss_update_(centers, labels, updated)
     return loss
