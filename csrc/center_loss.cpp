@@ -97,7 +97,8 @@ void check_center_update(const at::Tensor& centers, const at::Tensor& labels,
   TORCH_CHECK_TYPE(updated.scalar_type() == centers.scalar_type(), op,
                    ": updated_centers and centers must share a dtype, got ",
                    updated.scalar_type(), " and ", centers.scalar_type());
-  for (const auto& [name, t] : {std::pair{"labels", &labels}, std::pair{"updated_centers", &updated}}) {
+  for (const auto& [name, t] :
+       {std::pair{"labels", &labels}, std::pair{"updated_centers", &updated}}) {
     TORCH_CHECK_VALUE(t->device() == centers.device(), op, ": ", name, " is on ", t->device(),
                       " but centers is on ", centers.device());
   }

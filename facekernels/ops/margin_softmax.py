@@ -445,9 +445,10 @@ def margin_softmax_loss(
     Extra memory: the two gradients, N x chunk logits and chunk x D weight rows; never N x C.
     On a CPU in grad mode, where blocks of at least 128 rows (or all N) x every class fit
     16 MiB of logits, or D rows within 256 MiB (N x chunk_size when given), forward and
-    backward run as one step over such blocks (three GEMMs where the two passes take four): the forward then holds
-    the gradients until the backward, and one block's logits; with bf16 / fp16 GEMMs or
-    sampled rows, also the weight's rows in the GEMM dtype and an fp32 sum of its gradient.
+    backward run as one step over such blocks (three GEMMs where the two passes take
+    four): the forward then holds the gradients until the backward, and one block's
+    logits; with bf16 / fp16 GEMMs or sampled rows, also the weight's rows in the GEMM
+    dtype and an fp32 sum of its gradient.
     """
     return fused_margin_loss(
         embeddings, weight, labels, kind=COMBINED, scale=scale, m1=m1, m2=m2, m3=m3,
