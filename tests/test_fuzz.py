@@ -393,7 +393,8 @@ def test_op_arguments_on_mixed_devices_and_dtypes(data):
     except (ValueError, TypeError) as error:
         assert retyped in str(error), (retyped, dtype, str(error))
         return
-    assert all(t.device.type == "cpu" for t in (out if isinstance(out, (tuple, list)) else [out]))
+    outputs = () if out is None else out if isinstance(out, (tuple, list)) else (out,)  # None: in place
+    assert all(t.device.type == "cpu" for t in outputs)
 
 
 # Compiled once each (fixed shapes: no recompilation), several in one process, as a program
