@@ -3,6 +3,8 @@ option on odd sizes, the op's arguments for each, and the names of its outputs."
 
 import torch
 
+from facekernels.ops.margin_softmax import accumulate_dtype
+
 N, D, C = 37, 24, 203  # odd sizes: vector tails and a chunk boundary inside a vector
 
 # name -> forward options beyond the defaults (ArcFace: kind 0, m2 = 0.5, s = 64).
@@ -36,7 +38,7 @@ BOUND_EPS = 64
 
 def bound(dtype):
     """The normwise bound for an output of `dtype` (see BOUND_EPS)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(dtype)
     half = torch.finfo(dtype).eps if dtype in (torch.bfloat16, torch.float16) else 0.0
     return BOUND_EPS * torch.finfo(acc).eps + half
 

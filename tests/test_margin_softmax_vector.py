@@ -26,6 +26,8 @@ pytestmark = pytest.mark.skipif(not simt.enabled, reason="needs the SIMT emulati
 # vector path must be as accurate as the scalar one: its error against the fp64 result on
 # the same inputs at most twice the scalar path's, plus the bound.
 ILL_CONDITIONED = ("grad_embeddings", "grad_weight")
+
+
 def call(options, x, w, y, g):
     """The forward and backward ops with `options`, random incoming gradients."""
 

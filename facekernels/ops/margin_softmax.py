@@ -35,7 +35,7 @@ _CHUNK_BYTES = {"cuda": 32 * 2**20, "cpu": 4 * 2**20}
 # block do not: at D = 512, C = 200K a 205 MB block ran 1.17x the floor against the two
 # passes' 1.39x; at D = 128, C = 100K and 200K, 51 and 102 MB blocks ran even with them; at
 # D = 512, C = 1M a 1 GB block lost (0.76x the floor's time against 0.66x).
-_BLOCK_BYTES = 16 * 2**20, 256 * 2**20
+_BLOCK_BYTES, _MAX_BLOCK_BYTES = 16 * 2**20, 256 * 2**20
 _MIN_BLOCK_ROWS = 128
 
 
@@ -370,8 +370,7 @@ def _block_rows(embeddings, columns, chunk_columns):
         return 0
     n, dim = embeddings.shape
     if chunk_columns is None:
-        small, large = (budget // 4 // columns for budget in _BLOCK_BYTES)
-        rows = min(n, max(small, min(dim, large)))
+        rows = min(n, max(_BLOCK_BYTES // 4 // columns, min(dim, _MAX_BLOCK_BYTES // 4 // columns)))
     else:
         rows = min(n, n * chunk_columns // columns)
     if rows < min(n, _MIN_BLOCK_ROWS):
