@@ -31,7 +31,16 @@ heartbeat() {
 beat() { [ "$quiet" = 1 ] || { heartbeat "$1" & }; }
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
-say "installing torch 2.14.1, setuptools and ninja into .venv (about 1 GB the first time)"
+# torch's wheel unpacks to about 6 GB (CUDA libraries included): on a fuller disk pip dies
+# halfway with "No space left on device", so say it before starting.
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  free_gb=$(df -Pk .venv | awk 'NR == 2 {print int($4 / 1048576)}')
+  if [ "$free_gb" -lt 8 ]; then
+    echo "install.sh: torch needs about 8 GB free to install into .venv; $(df -Ph .venv | awk 'NR == 2 {print $6}') has $free_gb GB" >&2
+    exit 1
+  fi
+fi
+say "installing torch 2.14.1, setuptools and ninja into .venv (about 6 GB the first time)"
 beat "installing torch"
 .venv/bin/python -m pip install -q torch==2.14.1 setuptools wheel ninja
 kill $(jobs -p) 2>/dev/null || true
