@@ -6,15 +6,17 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/row_grain.h"
 #include "cpu/vector_math.h"
 #include "margin_softmax.h"
 
-// Each task owns whole rows. Per row of a chunk, the epilogue first gathers u: the classes'
-// cosines before the clamp (z times its weight row's inverse norm; with K sub-centers, the
-// winner's), in the accumulate type. The target class then goes through the scalar
+// Each task owns whole rows. Per row of a chunk, the epilogue reads u: the classes' cosines
+// before the clamp, z times its weight row's inverse norm, on the fly where z holds one
+// class per column in the accumulate type, else gathered into a buffer (with K sub-centers,
+// the winner's; or from bf16 and fp16). The target class then goes through the scalar
 // C10_HOST_DEVICE math that the GPU runs; every other class through vector loops that
 // evaluate the same Margin expressions lane by lane, with vector_exp for std::exp. The
 // forward takes the row's max over the chunk first and sums the exponentials in a second
@@ -22,6 +24,25 @@
 
 namespace facekernels {
 namespace {
+
+// values[j] * inverse[j] (values[j] where inverse is null), read by [] and written by set:
+// the row loops read their cosines before the clamp through one and write dL/dz through
+// another, either z and the weight's inverse norms (dL/dz then replaces z: an iteration
+// reads its element before it writes it, and omp simd asks for no alias check) or buffers
+// that gather_cosines and scatter_grads fill and hand out.
+template <typename T>
+struct Scaled {
+  using acc_t = std::remove_const_t<T>;
+  T* values;
+  const acc_t* inverse;
+
+  FK_INLINE acc_t operator[](int64_t j) const {
+    return Margin<acc_t>::unclamped(values, inverse, j);
+  }
+  FK_INLINE void set(int64_t j, acc_t x) const {
+    values[j] = x * (inverse != nullptr ? inverse[j] : acc_t(1));
+  }
+};
 
 // What one chunk of one row adds to the forward's row state.
 template <typename acc_t>
@@ -38,7 +59,7 @@ struct ChunkRow {
 // and ran scalar versions of the loops.
 template <typename acc_t>
 FK_INLINE void negative_logits(const Margin<acc_t> margin, acc_t scale,
-                               const acc_t* __restrict__ u, acc_t* __restrict__ logit,
+                               const Scaled<const acc_t> u, acc_t* __restrict__ logit,
                                int64_t begin, int64_t end, acc_t& max_logit,
                                acc_t& max_cosine) {
   acc_t top = max_logit, best = max_cosine;
@@ -54,9 +75,9 @@ FK_INLINE void negative_logits(const Margin<acc_t> margin, acc_t scale,
 }
 
 template <typename acc_t>
-FK_INLINE void forward_row_impl(const Margin<acc_t> margin, acc_t scale, const acc_t* u,
-                                acc_t* logit, int64_t length, int64_t target,
-                                ChunkRow<acc_t>& out) {
+FK_INLINE void forward_row_impl(const Margin<acc_t> margin, acc_t scale,
+                                const Scaled<const acc_t> u, acc_t* logit, int64_t length,
+                                int64_t target, ChunkRow<acc_t>& out) {
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const bool has_target = target >= 0 && target < length;
   acc_t max_logit = -inf, max_cosine = -inf;
@@ -103,10 +124,11 @@ FK_INLINE void forward_row_impl(const Margin<acc_t> margin, acc_t scale, const a
   }
 }
 
-// The negatives among classes [begin, end): dL/du into g; returns their part of dL/ds.
+// The negatives among classes [begin, end): dL/du into g (which scales it into dL/dz);
+// returns their part of dL/ds.
 template <typename acc_t>
 FK_INLINE acc_t negative_grads(const Margin<acc_t> margin, const RowBackward<acc_t> r,
-                               const acc_t* __restrict__ u, acc_t* __restrict__ g,
+                               const Scaled<const acc_t> u, const Scaled<acc_t> g,
                                int64_t begin, int64_t end) {
   acc_t scale_grad = 0;
 #pragma omp simd reduction(+ : scale_grad)
@@ -115,7 +137,7 @@ FK_INLINE acc_t negative_grads(const Margin<acc_t> margin, const RowBackward<acc
     const NegativeValue<acc_t> v = margin.negative(c);
     const acc_t grad_logit = r.grad_log_sum * vector_exp((r.scale * v.value - r.max) - r.log_sum);
     scale_grad += grad_logit * v.value;
-    g[j] = grad_logit * r.scale * v.slope * margin.cosine_slope(u[j]);
+    g.set(j, grad_logit * r.scale * v.slope * margin.cosine_slope(u[j]));
   }
   return scale_grad;
 }
@@ -124,8 +146,8 @@ FK_INLINE acc_t negative_grads(const Margin<acc_t> margin, const RowBackward<acc
 // p_j = e_j / sum: weight = dL/dlog_sum / sum. No exp: a row's forward and backward in one.
 template <typename acc_t>
 FK_INLINE acc_t negative_grads_from_exps(const Margin<acc_t> margin, acc_t scale, acc_t weight,
-                                         const acc_t* __restrict__ u,
-                                         const acc_t* __restrict__ e, acc_t* __restrict__ g,
+                                         const Scaled<const acc_t> u,
+                                         const acc_t* __restrict__ e, const Scaled<acc_t> g,
                                          int64_t begin, int64_t end) {
   acc_t scale_grad = 0;
 #pragma omp simd reduction(+ : scale_grad)
@@ -134,7 +156,7 @@ FK_INLINE acc_t negative_grads_from_exps(const Margin<acc_t> margin, acc_t scale
     const NegativeValue<acc_t> v = margin.negative(c);
     const acc_t grad_logit = weight * e[j];
     scale_grad += grad_logit * v.value;
-    g[j] = grad_logit * scale * v.slope * margin.cosine_slope(u[j]);
+    g.set(j, grad_logit * scale * v.slope * margin.cosine_slope(u[j]));
   }
   return scale_grad;
 }
@@ -143,8 +165,8 @@ FK_INLINE acc_t negative_grads_from_exps(const Margin<acc_t> margin, acc_t scale
 // where given (with weight), else with their own.
 template <typename acc_t>
 FK_INLINE acc_t negatives_of(const Margin<acc_t> margin, const RowBackward<acc_t> r, acc_t weight,
-                             const acc_t* u, const acc_t* e, acc_t* g, int64_t begin,
-                             int64_t end) {
+                             const Scaled<const acc_t> u, const acc_t* e, const Scaled<acc_t> g,
+                             int64_t begin, int64_t end) {
   return e != nullptr ? negative_grads_from_exps(margin, r.scale, weight, u, e, g, begin, end)
                       : negative_grads(margin, r, u, g, begin, end);
 }
@@ -153,8 +175,9 @@ FK_INLINE acc_t negatives_of(const Margin<acc_t> margin, const RowBackward<acc_t
 // negatives_of).
 template <typename acc_t>
 FK_INLINE acc_t backward_row_impl(const Margin<acc_t> margin, const RowBackward<acc_t> r,
-                                  acc_t weight, const acc_t* u, const acc_t* e, acc_t* g,
-                                  int64_t length, int64_t target, acc_t* grad_m2, acc_t* grad_m3) {
+                                  acc_t weight, const Scaled<const acc_t> u, const acc_t* e,
+                                  const Scaled<acc_t> g, int64_t length, int64_t target,
+                                  acc_t* grad_m2, acc_t* grad_m3) {
   const bool has_target = target >= 0 && target < length;
   const int64_t split = has_target ? target : length;
   // One call site for the vector loops: GCC stops inlining Margin's functions into more.
@@ -169,29 +192,31 @@ FK_INLINE acc_t backward_row_impl(const Margin<acc_t> margin, const RowBackward<
   one.sub_centers = 1;
   acc_t cell = u[target];
   class_backward<acc_t, acc_t>(one, &cell, nullptr, 1, true, r, scale_grad, grad_m2, grad_m3);
-  g[target] = cell;
+  g.set(target, cell);
   return scale_grad;
 }
 
 // The vector loops, one instance per accumulate type, compiled per vector width.
-FK_VECTOR_CLONES void forward_row(const Margin<float>& margin, float scale, const float* u,
-                                  float* logit, int64_t length, int64_t target,
-                                  ChunkRow<float>& out) {
+FK_VECTOR_CLONES void forward_row(const Margin<float>& margin, float scale,
+                                  Scaled<const float> u, float* logit, int64_t length,
+                                  int64_t target, ChunkRow<float>& out) {
   forward_row_impl(margin, scale, u, logit, length, target, out);
 }
-FK_VECTOR_CLONES void forward_row(const Margin<double>& margin, double scale, const double* u,
-                                  double* logit, int64_t length, int64_t target,
-                                  ChunkRow<double>& out) {
+FK_VECTOR_CLONES void forward_row(const Margin<double>& margin, double scale,
+                                  Scaled<const double> u, double* logit, int64_t length,
+                                  int64_t target, ChunkRow<double>& out) {
   forward_row_impl(margin, scale, u, logit, length, target, out);
 }
 FK_VECTOR_CLONES float backward_row(const Margin<float>& margin, const RowBackward<float>& r,
-                                    float weight, const float* u, const float* e, float* g,
+                                    float weight, Scaled<const float> u, const float* e,
+                                    Scaled<float> g,
                                     int64_t length, int64_t target, float* grad_m2,
                                     float* grad_m3) {
   return backward_row_impl(margin, r, weight, u, e, g, length, target, grad_m2, grad_m3);
 }
 FK_VECTOR_CLONES double backward_row(const Margin<double>& margin, const RowBackward<double>& r,
-                                     double weight, const double* u, const double* e, double* g,
+                                     double weight, Scaled<const double> u, const double* e,
+                                     Scaled<double> g,
                                      int64_t length, int64_t target, double* grad_m2,
                                      double* grad_m3) {
   return backward_row_impl(margin, r, weight, u, e, g, length, target, grad_m2, grad_m3);
@@ -339,14 +364,46 @@ struct GradRows {
   acc_t* m3_of(int64_t i) const { return m3 ? m3 + i : nullptr; }
 };
 
-// A task's row buffers: cosines u, logits (then exponentials), dL/du, winning sub-centers.
-template <typename acc_t>
+// A task's row buffers: logits (then exponentials); unless z holds one cosine per class in
+// the accumulate type (K = 1, fp32 or fp64: `direct`), cosines u, dL/du and the winning
+// sub-centers, which a row's cosines are gathered into and its dL/dz scattered from.
+template <typename scalar_t, typename acc_t>
 struct RowBuffers {
+  static constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const bool direct;
+  const int64_t length, k;
   std::vector<acc_t> u, logit, g;
   std::vector<int32_t> winners;
+
   RowBuffers(int64_t length, int64_t k, bool forward, bool backward)
-      : u(length), logit(forward ? length : 0), g(backward ? length : 0),
+      : direct(kSameType && k == 1), length(length), k(k), u(direct ? 0 : length),
+        logit(forward ? length : 0), g(backward && !direct ? length : 0),
         winners(k > 1 ? length : 0) {}
+
+  Scaled<const acc_t> cosines(const Margin<acc_t>& margin, const scalar_t* row,
+                              const acc_t* inverse) {
+    if constexpr (kSameType) {
+      if (direct) {
+        return {row, inverse};
+      }
+    }
+    gather_cosines(margin, row, inverse, length, u.data(), winners.data());
+    return {u.data(), nullptr};
+  }
+  Scaled<acc_t> grads(scalar_t* row, const acc_t* inverse) {
+    if constexpr (kSameType) {
+      if (direct) {
+        return {row, inverse};
+      }
+    }
+    return {g.data(), nullptr};
+  }
+  // After the backward of a row: dL/dz into z, where grads did not write it there.
+  void scatter(scalar_t* row, const acc_t* inverse) {
+    if (!direct) {
+      scatter_grads(g.data(), inverse, winners.data(), length, k, row);
+    }
+  }
 };
 
 void forward_epilogue_cpu(const at::Tensor& z, const at::Tensor& inverse, int64_t class_start,
@@ -363,13 +420,13 @@ void forward_epilogue_cpu(const at::Tensor& z, const at::Tensor& inverse, int64_
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
         StateRows<acc_t> out(state);
         at::parallel_for(0, n, row_grain(length * k), [&](int64_t begin, int64_t end) {
-          RowBuffers<acc_t> b(length, k, true, false);
+          RowBuffers<scalar_t, acc_t> b(length, k, true, false);
           for (int64_t i = begin; i < end; ++i) {
             const Margin<acc_t> margin = margins.for_row(i);
             const int64_t target = label[i] - class_start;
-            gather_cosines(margin, zp + i * length * k, inv, length, b.u.data(), b.winners.data());
             ChunkRow<acc_t> chunk;
-            forward_row(margin, scale[i], b.u.data(), b.logit.data(), length, target, chunk);
+            forward_row(margin, scale[i], b.cosines(margin, zp + i * length * k, inv),
+                        b.logit.data(), length, target, chunk);
             out.fold(i, chunk, target >= 0 && target < length, class_start);
           }
         });
@@ -390,22 +447,22 @@ void backward_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, int64_t cla
         const acc_t* scale = row_scale.const_data_ptr<acc_t>();
         const GradRows<acc_t> out(grads);
         at::parallel_for(0, n, row_grain(length * k), [&](int64_t begin, int64_t end) {
-          RowBuffers<acc_t> b(length, k, false, true);
+          RowBuffers<scalar_t, acc_t> b(length, k, false, true);
           for (int64_t i = begin; i < end; ++i) {
             const Margin<acc_t> margin = margins.for_row(i);
             scalar_t* row = zp + i * length * k;
-            gather_cosines(margin, row, inv, length, b.u.data(), b.winners.data());
-            out.scale[i] += backward_row(margin, out.row(i, scale[i]), acc_t(0), b.u.data(),
-                                         nullptr, b.g.data(), length, label[i] - class_start,
-                                         out.m2_of(i), out.m3_of(i));
-            scatter_grads(b.g.data(), inv, b.winners.data(), length, k, row);
+            out.scale[i] += backward_row(margin, out.row(i, scale[i]), acc_t(0),
+                                         b.cosines(margin, row, inv), nullptr, b.grads(row, inv),
+                                         length, label[i] - class_start, out.m2_of(i),
+                                         out.m3_of(i));
+            b.scatter(row, inv);
           }
         });
       });
 }
 
 // Both for a block of rows that holds every class, a row at a time while it is in cache:
-// one gather of its cosines, and the backward takes the forward's exponentials.
+// the backward reads the cosines the forward read (or gathered) and takes its exponentials.
 void step_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, const at::Tensor& labels,
                        const at::Tensor& row_scale, const MarginOptions& options, RowState& state,
                        RowGrads& grads) {
@@ -422,24 +479,24 @@ void step_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, const at::Tenso
         acc_t* log_sum = grads.log_sum.mutable_data_ptr<acc_t>();
         const GradRows<acc_t> out(grads);
         at::parallel_for(0, n, row_grain(length * k), [&](int64_t begin, int64_t end) {
-          RowBuffers<acc_t> b(length, k, true, true);
+          RowBuffers<scalar_t, acc_t> b(length, k, true, true);
           for (int64_t i = begin; i < end; ++i) {
             const Margin<acc_t> margin = margins.for_row(i);
             const int64_t target = label[i];
             scalar_t* row = zp + i * length * k;
-            gather_cosines(margin, row, inv, length, b.u.data(), b.winners.data());
+            const Scaled<const acc_t> u = b.cosines(margin, row, inv);
             ChunkRow<acc_t> chunk;
-            forward_row(margin, scale[i], b.u.data(), b.logit.data(), length, target, chunk);
+            forward_row(margin, scale[i], u, b.logit.data(), length, target, chunk);
             forward.fold(i, chunk, target >= 0 && target < length, 0);
             log_sum[i] = std::log(forward.row_sum[i]);
             const RowBackward<acc_t> r = out.row(i, scale[i]);
             // With a finite max, forward_row left the exponentials (the fold of one chunk
             // into the empty state keeps its max and sum).
             const bool exps = std::isfinite(chunk.max);
-            out.scale[i] += backward_row(margin, r, r.grad_log_sum / chunk.sum, b.u.data(),
-                                         exps ? b.logit.data() : nullptr, b.g.data(), length,
-                                         target, out.m2_of(i), out.m3_of(i));
-            scatter_grads(b.g.data(), inv, b.winners.data(), length, k, row);
+            out.scale[i] += backward_row(margin, r, r.grad_log_sum / chunk.sum, u,
+                                         exps ? b.logit.data() : nullptr, b.grads(row, inv),
+                                         length, target, out.m2_of(i), out.m3_of(i));
+            b.scatter(row, inv);
           }
         });
       });
