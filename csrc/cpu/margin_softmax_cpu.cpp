@@ -25,22 +25,39 @@
 namespace facekernels {
 namespace {
 
-// values[j] * inverse[j] (values[j] where inverse is null), read by [] and written by set:
-// the row loops read their cosines before the clamp through one and write dL/dz through
-// another, either z and the weight's inverse norms (dL/dz then replaces z: an iteration
-// reads its element before it writes it, and omp simd asks for no alias check) or buffers
-// that gather_cosines and scatter_grads fill and hand out.
-template <typename T>
+// A row's cosines before the clamp, values[j] * inverse[j] (values[j] where inverse is
+// null): z and the weight's inverse norms, or a buffer that gather_cosines filled. The
+// backward writes dL/du times the same inverse norms, that is dL/dz, into z (over the
+// cosines: an iteration reads its element before it writes it, and omp simd asks for no
+// alias check), or dL/du into a buffer that scatter_grads hands out.
+template <typename acc_t>
+struct Cosines {
+  const acc_t* values;
+  const acc_t* inverse;
+};
+
+// values[j] * inverse[j], or values[j] where kScaled is false, read by [] and written by
+// set: the vector loops take the choice at compile time (a select in the loop kept GCC
+// from vectorizing the backward's).
+template <typename T, bool kScaled>
 struct Scaled {
   using acc_t = std::remove_const_t<T>;
   T* values;
   const acc_t* inverse;
 
   FK_INLINE acc_t operator[](int64_t j) const {
-    return Margin<acc_t>::unclamped(values, inverse, j);
+    if constexpr (kScaled) {
+      return values[j] * inverse[j];
+    } else {
+      return values[j];
+    }
   }
   FK_INLINE void set(int64_t j, acc_t x) const {
-    values[j] = x * (inverse != nullptr ? inverse[j] : acc_t(1));
+    if constexpr (kScaled) {
+      values[j] = x * inverse[j];
+    } else {
+      values[j] = x;
+    }
   }
 };
 
@@ -57,9 +74,9 @@ struct ChunkRow {
 // the logits and of the cosines (NaNs skipped here; the sum carries them). The Margin
 // comes by value here and below: by reference, GCC re-read its fields in every iteration
 // and ran scalar versions of the loops.
-template <typename acc_t>
-FK_INLINE void negative_logits(const Margin<acc_t> margin, acc_t scale,
-                               const Scaled<const acc_t> u, acc_t* __restrict__ logit,
+template <typename acc_t, typename U>
+FK_INLINE void negative_logits(const Margin<acc_t> margin, acc_t scale, const U u,
+                               acc_t* __restrict__ logit,
                                int64_t begin, int64_t end, acc_t& max_logit,
                                acc_t& max_cosine) {
   acc_t top = max_logit, best = max_cosine;
@@ -74,10 +91,10 @@ FK_INLINE void negative_logits(const Margin<acc_t> margin, acc_t scale,
   max_cosine = best;
 }
 
-template <typename acc_t>
-FK_INLINE void forward_row_impl(const Margin<acc_t> margin, acc_t scale,
-                                const Scaled<const acc_t> u, acc_t* logit, int64_t length,
-                                int64_t target, ChunkRow<acc_t>& out) {
+template <typename acc_t, typename U>
+FK_INLINE void forward_row_impl(const Margin<acc_t> margin, acc_t scale, const U u,
+                                acc_t* logit, int64_t length, int64_t target,
+                                ChunkRow<acc_t>& out) {
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const bool has_target = target >= 0 && target < length;
   acc_t max_logit = -inf, max_cosine = -inf;
@@ -124,12 +141,11 @@ FK_INLINE void forward_row_impl(const Margin<acc_t> margin, acc_t scale,
   }
 }
 
-// The negatives among classes [begin, end): dL/du into g (which scales it into dL/dz);
+// The negatives among classes [begin, end): dL/du into g (see Cosines);
 // returns their part of dL/ds.
-template <typename acc_t>
+template <typename acc_t, typename U, typename G>
 FK_INLINE acc_t negative_grads(const Margin<acc_t> margin, const RowBackward<acc_t> r,
-                               const Scaled<const acc_t> u, const Scaled<acc_t> g,
-                               int64_t begin, int64_t end) {
+                               const U u, const G g, int64_t begin, int64_t end) {
   acc_t scale_grad = 0;
 #pragma omp simd reduction(+ : scale_grad)
   for (int64_t j = begin; j < end; ++j) {
@@ -144,10 +160,9 @@ FK_INLINE acc_t negative_grads(const Margin<acc_t> margin, const RowBackward<acc
 
 // The same from the exponentials e_j = exp(logit_j - max) that forward_row left, where
 // p_j = e_j / sum: weight = dL/dlog_sum / sum. No exp: a row's forward and backward in one.
-template <typename acc_t>
+template <typename acc_t, typename U, typename G>
 FK_INLINE acc_t negative_grads_from_exps(const Margin<acc_t> margin, acc_t scale, acc_t weight,
-                                         const Scaled<const acc_t> u,
-                                         const acc_t* __restrict__ e, const Scaled<acc_t> g,
+                                         const U u, const acc_t* __restrict__ e, const G g,
                                          int64_t begin, int64_t end) {
   acc_t scale_grad = 0;
 #pragma omp simd reduction(+ : scale_grad)
@@ -163,21 +178,20 @@ FK_INLINE acc_t negative_grads_from_exps(const Margin<acc_t> margin, acc_t scale
 
 // The negatives of classes [begin, end) by either of the above: from the exponentials e
 // where given (with weight), else with their own.
-template <typename acc_t>
+template <typename acc_t, typename U, typename G>
 FK_INLINE acc_t negatives_of(const Margin<acc_t> margin, const RowBackward<acc_t> r, acc_t weight,
-                             const Scaled<const acc_t> u, const acc_t* e, const Scaled<acc_t> g,
-                             int64_t begin, int64_t end) {
+                             const U u, const acc_t* e, const G g, int64_t begin, int64_t end) {
   return e != nullptr ? negative_grads_from_exps(margin, r.scale, weight, u, e, g, begin, end)
                       : negative_grads(margin, r, u, g, begin, end);
 }
 
 // Writes dL/du into g and returns the row's dL/ds from this chunk (e, weight: see
 // negatives_of).
-template <typename acc_t>
+template <typename acc_t, typename U, typename G>
 FK_INLINE acc_t backward_row_impl(const Margin<acc_t> margin, const RowBackward<acc_t> r,
-                                  acc_t weight, const Scaled<const acc_t> u, const acc_t* e,
-                                  const Scaled<acc_t> g, int64_t length, int64_t target,
-                                  acc_t* grad_m2, acc_t* grad_m3) {
+                                  acc_t weight, const U u, const acc_t* e, const G g,
+                                  int64_t length, int64_t target, acc_t* grad_m2,
+                                  acc_t* grad_m3) {
   const bool has_target = target >= 0 && target < length;
   const int64_t split = has_target ? target : length;
   // One call site for the vector loops: GCC stops inlining Margin's functions into more.
@@ -196,30 +210,43 @@ FK_INLINE acc_t backward_row_impl(const Margin<acc_t> margin, const RowBackward<
   return scale_grad;
 }
 
-// The vector loops, one instance per accumulate type, compiled per vector width.
-FK_VECTOR_CLONES void forward_row(const Margin<float>& margin, float scale,
-                                  Scaled<const float> u, float* logit, int64_t length,
-                                  int64_t target, ChunkRow<float>& out) {
+// The vector loops, one instance per accumulate type and kind of row (scaled by inverse
+// norms or not: one instance each, as GCC stops inlining Margin's functions into more),
+// compiled per vector width.
+template <typename acc_t, bool kScaled>
+FK_VECTOR_CLONES void forward_row(const Margin<acc_t>& margin, acc_t scale,
+                                  Scaled<const acc_t, kScaled> u, acc_t* logit, int64_t length,
+                                  int64_t target, ChunkRow<acc_t>& out) {
   forward_row_impl(margin, scale, u, logit, length, target, out);
 }
-FK_VECTOR_CLONES void forward_row(const Margin<double>& margin, double scale,
-                                  Scaled<const double> u, double* logit, int64_t length,
-                                  int64_t target, ChunkRow<double>& out) {
-  forward_row_impl(margin, scale, u, logit, length, target, out);
-}
-FK_VECTOR_CLONES float backward_row(const Margin<float>& margin, const RowBackward<float>& r,
-                                    float weight, Scaled<const float> u, const float* e,
-                                    Scaled<float> g,
-                                    int64_t length, int64_t target, float* grad_m2,
-                                    float* grad_m3) {
+template <typename acc_t, bool kScaled>
+FK_VECTOR_CLONES acc_t backward_row(const Margin<acc_t>& margin, const RowBackward<acc_t>& r,
+                                    acc_t weight, Scaled<const acc_t, kScaled> u, const acc_t* e,
+                                    Scaled<acc_t, kScaled> g, int64_t length, int64_t target,
+                                    acc_t* grad_m2, acc_t* grad_m3) {
   return backward_row_impl(margin, r, weight, u, e, g, length, target, grad_m2, grad_m3);
 }
-FK_VECTOR_CLONES double backward_row(const Margin<double>& margin, const RowBackward<double>& r,
-                                     double weight, Scaled<const double> u, const double* e,
-                                     Scaled<double> g,
-                                     int64_t length, int64_t target, double* grad_m2,
-                                     double* grad_m3) {
-  return backward_row_impl(margin, r, weight, u, e, g, length, target, grad_m2, grad_m3);
+
+// The same for a row of either kind. g: see Cosines.
+template <typename acc_t>
+void forward_row(const Margin<acc_t>& margin, acc_t scale, Cosines<acc_t> u, acc_t* logit,
+                 int64_t length, int64_t target, ChunkRow<acc_t>& out) {
+  if (u.inverse != nullptr) {
+    forward_row<acc_t, true>(margin, scale, {u.values, u.inverse}, logit, length, target, out);
+  } else {
+    forward_row<acc_t, false>(margin, scale, {u.values, nullptr}, logit, length, target, out);
+  }
+}
+template <typename acc_t>
+acc_t backward_row(const Margin<acc_t>& margin, const RowBackward<acc_t>& r, acc_t weight,
+                   Cosines<acc_t> u, std::type_identity_t<const acc_t*> e, acc_t* g,
+                   int64_t length, int64_t target, acc_t* grad_m2, acc_t* grad_m3) {
+  if (u.inverse != nullptr) {
+    return backward_row<acc_t, true>(margin, r, weight, {u.values, u.inverse}, e, {g, u.inverse},
+                                     length, target, grad_m2, grad_m3);
+  }
+  return backward_row<acc_t, false>(margin, r, weight, {u.values, nullptr}, e, {g, nullptr},
+                                    length, target, grad_m2, grad_m3);
 }
 
 // u for one row of the chunk; with K > 1 also each class's winning sub-center: the first
@@ -380,8 +407,8 @@ struct RowBuffers {
         logit(forward ? length : 0), g(backward && !direct ? length : 0),
         winners(k > 1 ? length : 0) {}
 
-  Scaled<const acc_t> cosines(const Margin<acc_t>& margin, const scalar_t* row,
-                              const acc_t* inverse) {
+  Cosines<acc_t> cosines(const Margin<acc_t>& margin, const scalar_t* row,
+                         const acc_t* inverse) {
     if constexpr (kSameType) {
       if (direct) {
         return {row, inverse};
@@ -390,13 +417,14 @@ struct RowBuffers {
     gather_cosines(margin, row, inverse, length, u.data(), winners.data());
     return {u.data(), nullptr};
   }
-  Scaled<acc_t> grads(scalar_t* row, const acc_t* inverse) {
+  // Where the backward writes: see Cosines.
+  acc_t* grads(scalar_t* row) {
     if constexpr (kSameType) {
       if (direct) {
-        return {row, inverse};
+        return row;
       }
     }
-    return {g.data(), nullptr};
+    return g.data();
   }
   // After the backward of a row: dL/dz into z, where grads did not write it there.
   void scatter(scalar_t* row, const acc_t* inverse) {
@@ -452,7 +480,7 @@ void backward_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, int64_t cla
             const Margin<acc_t> margin = margins.for_row(i);
             scalar_t* row = zp + i * length * k;
             out.scale[i] += backward_row(margin, out.row(i, scale[i]), acc_t(0),
-                                         b.cosines(margin, row, inv), nullptr, b.grads(row, inv),
+                                         b.cosines(margin, row, inv), nullptr, b.grads(row),
                                          length, label[i] - class_start, out.m2_of(i),
                                          out.m3_of(i));
             b.scatter(row, inv);
@@ -484,7 +512,7 @@ void step_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, const at::Tenso
             const Margin<acc_t> margin = margins.for_row(i);
             const int64_t target = label[i];
             scalar_t* row = zp + i * length * k;
-            const Scaled<const acc_t> u = b.cosines(margin, row, inv);
+            const Cosines<acc_t> u = b.cosines(margin, row, inv);
             ChunkRow<acc_t> chunk;
             forward_row(margin, scale[i], u, b.logit.data(), length, target, chunk);
             forward.fold(i, chunk, target >= 0 && target < length, 0);
@@ -494,7 +522,7 @@ void step_epilogue_cpu(at::Tensor& z, const at::Tensor& inverse, const at::Tenso
             // into the empty state keeps its max and sum).
             const bool exps = std::isfinite(chunk.max);
             out.scale[i] += backward_row(margin, r, r.grad_log_sum / chunk.sum, u,
-                                         exps ? b.logit.data() : nullptr, b.grads(row, inv),
+                                         exps ? b.logit.data() : nullptr, b.grads(row),
                                          length, target, out.m2_of(i), out.m3_of(i));
             b.scatter(row, inv);
           }
