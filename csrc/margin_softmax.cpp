@@ -637,8 +637,8 @@ GradOutputs margin_softmax_forward_backward_impl(
       backward_buffer(std::min(block_rows, n) * num_classes * k, unit_rows.unit.options());
   for (int64_t first = 0; first < n; first += block_rows) {
     const int64_t count = std::min(block_rows, n - first);
-    // One block of all rows (up to 32K classes at N = 256) takes the tensors as they are:
-    // its twenty narrow calls were 0.08 ms of a 2.7 ms step at C = 1K.
+    // One block of all rows (at N = 256: up to 16K classes at D = 128, 262K at D >= 256)
+    // takes the tensors as they are: twenty narrow calls were 0.08 ms of a 2.7 ms step.
     const auto block = [&](const at::Tensor& t) {
       return t.defined() && count < n ? t.narrow(0, first, count) : t;
     };
