@@ -7,6 +7,18 @@
 namespace facekernels {
 
 inline void define_ops(torch::Library& m) {
+  // AdaFace's per-row margins (Kim et al. 2022) from n_i = clip(|x_i|, 0.001, 100) (NaN for a
+  // non-finite norm: it joins no statistic). training: first mean <- t_alpha mean_i n_i +
+  // (1 - t_alpha) mean, and std likewise with the unbiased std, over the finite n_i (a value
+  // that comes out non-finite keeps the old one); then z_i = clip(h (n_i - mean) /
+  // (std + 1e-3), -1, 1), row_m2 = -margin z_i, row_m3 = margin + margin z_i (accumulate
+  // type). mean and std (one value each) are read only: the new values are returned in their
+  // dtypes, for the caller to write once the loss has accepted the batch.
+  m.def(
+      "adaface_margins(Tensor embeddings, Tensor mean, Tensor std, float h, float margin, "
+      "float t_alpha, bool training) -> (Tensor row_m2, Tensor row_m3, Tensor new_mean, "
+      "Tensor new_std)");
+
   // Center loss (Wen et al. 2016) in one pass: loss = mean_i 1/2 |x_i - c_{y_i}|^2,
   // diff = x - c_y (the backward's input) and, when compute_update, each row's class
   // center moved by Wen's rule (rows of one class hold the same values).

@@ -21,10 +21,9 @@ BUILD = Path(os.environ.get("FACEKERNELS_SIMT_BUILD", ROOT / "build" / "simt"))
 SOURCES = sorted(CSRC.glob("simt/*.cpp")) + sorted(CSRC.glob("*.cpp"))
 SOURCES = [s for s in SOURCES if s.name != "facekernels.cpp"]
 # The ops with a CUDA kernel: the ones the emulator replaces.
-OPS = ("margin_softmax_forward", "margin_softmax_backward", "margin_softmax_forward_backward",
-       "triplet_margin_forward",
-       "triplet_mine", "center_loss_forward", "center_loss_backward", "center_loss_update_",
-       "pairwise_distance",
+OPS = ("adaface_margins", "margin_softmax_forward", "margin_softmax_backward",
+       "margin_softmax_forward_backward", "triplet_margin_forward", "triplet_mine",
+       "center_loss_forward", "center_loss_backward", "center_loss_update_", "pairwise_distance",
        "pairwise_distance_backward")
 
 enabled = os.environ.get("FACEKERNELS_SIMT", "1") != "0"

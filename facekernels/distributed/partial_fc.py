@@ -284,8 +284,9 @@ class PartialFC(nn.Module):
         loss = _ShardedSoftmax.apply(row_max, log_sum, target, self.group)
         if penalty is not None:  # the same on every rank: its gradient is counted on rank 0 only
             loss = loss + (penalty if self.rank == 0 else penalty.detach()).mean()
-        for name, value in updates.items():
-            assign_after(getattr(self, name), value.detach(), loss.detach())
+        if updates:
+            assign_after([getattr(self, name) for name in updates],
+                         [value.detach() for value in updates.values()], loss.detach())
         return loss
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from facekernels.losses.margin_heads import ArcFaceLoss, _MarginSoftmaxHead
+from facekernels.ops.adaface_margins import adaface_margins
 from facekernels.ops.checks import (
     check_choice,
     check_label_range,
@@ -99,8 +100,9 @@ class _AdaptiveHead(_MarginSoftmaxHead):
             embeddings, lambda: target_cosines(embeddings, weight, labels), running, self.training)
         result = self.fused_loss(embeddings, labels, weight, return_predictions, **options)
         loss = result[0] if return_predictions else result
-        for name, value in updates.items():
-            assign_after(running[name], value.detach(), loss.detach())
+        if updates:
+            assign_after([running[name] for name in updates],
+                         [value.detach() for value in updates.values()], loss.detach())
         return result
 
 
@@ -167,21 +169,12 @@ class AdaFaceLoss(_AdaptiveHead):
         return 1.0, 0.0, self.margin, 0.0  # shown by repr; the op takes per-row margins
 
     def batch_options(self, embeddings, target_cosines, running, training):
-        mean, std, updates = running["batch_mean"], running["batch_std"], {}
-        with torch.no_grad():
-            raw = _norms(embeddings)
-            # A non-finite row is NaN here, not clipped to 100: it joins no statistic.
-            norms = torch.where(raw.isfinite(), raw.clip(0.001, 100.0), math.nan)
-            if training:
-                if len(norms) < 2:
-                    raise ValueError("AdaFaceLoss: a training batch needs at least 2 rows for "
-                                     f"the norm's standard deviation, got {len(norms)}")
-                batch_mean, batch_std = _finite_mean_std(norms)
-                mean = _running(mean, batch_mean, self.t_alpha)
-                std = _running(std, batch_std, self.t_alpha)
-                updates = {"batch_mean": mean, "batch_std": std}
-            z = (self.h * (norms - mean) / (std + 1e-3)).clip(-1.0, 1.0)
-        return {"row_m2": -self.margin * z, "row_m3": self.margin + self.margin * z}, updates
+        if training and len(embeddings) < 2:
+            raise ValueError("AdaFaceLoss: a training batch needs at least 2 rows for the "
+                             f"norm's standard deviation, got {len(embeddings)}")
+        m2, m3, mean, std = adaface_margins(embeddings, running["batch_mean"], running["batch_std"],
+                                            self.h, self.margin, self.t_alpha, training)
+        return {"row_m2": m2, "row_m3": m3}, {"batch_mean": mean, "batch_std": std} if training else {}
 
 
 class MagFaceLoss(_AdaptiveHead):

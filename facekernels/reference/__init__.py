@@ -2,6 +2,7 @@
 
 from .adaptive_heads import (
     adaface_loss,
+    adaface_margins,
     curricularface_loss,
     elasticface_loss,
     elasticface_margins,
@@ -29,6 +30,7 @@ from .triplet import mine_triplets, pairwise_distance, triplet_margin_loss
 
 __all__ = [
     "adaface_loss",
+    "adaface_margins",
     "arcface_loss",
     "center_loss",
     "center_loss_update",

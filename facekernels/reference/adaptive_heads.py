@@ -108,6 +108,48 @@ def curricularface_loss(
 # --------------------------------------------------------------------------------- AdaFace
 
 
+def adaface_margins(
+    embeddings: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    h: float = 0.333,
+    margin: float = 0.4,
+    t_alpha: float = 0.01,
+    training: bool = True,
+):
+    r"""AdaFace's per-row margins as ``AdaFaceLoss`` computes them (the op
+    ``facekernels::adaface_margins``). Returns ``(row_m2, row_m3, new_mean, new_std)``, the
+    margins in fp32 (fp64 for fp64 embeddings), the statistics in their buffers' dtypes.
+
+    ``n_i = clip(|x_i|, 0.001, 100)`` over the rows whose norm is finite; the other rows join
+    no statistic and get NaN margins. In training, the statistics step as in
+    :func:`adaface_loss`, but from the finite rows' mean and unbiased std, and a step that
+    comes out non-finite (no finite row, or one: no std) keeps the old value. Then
+    ``z_i = clip(h (n_i - mean) / (std + 1e-3), -1, 1)``, ``row_m2 = -margin z_i``,
+    ``row_m3 = margin + margin z_i``. Everything in fp64, without gradient.
+    """
+    with torch.no_grad():
+        raw = torch.linalg.vector_norm(embeddings.double(), dim=1)
+        finite = raw.isfinite()
+        norms = raw.clamp(0.001, 100.0)
+        mean_now, std_now = mean.double().reshape(()), std.double().reshape(())
+        if training:
+            kept = norms[finite]
+            nan = torch.tensor(math.nan, dtype=torch.float64, device=norms.device)
+            batch_std = kept.std() if len(kept) > 1 else nan
+            steps = []
+            for old, batch in ((mean_now, kept.mean()), (std_now, batch_std)):
+                new = t_alpha * batch + (1.0 - t_alpha) * old
+                steps.append(torch.where(new.isfinite(), new, old))
+            mean_now, std_now = steps
+        z = (h * (norms - mean_now) / (std_now + 1e-3)).clamp(-1.0, 1.0)
+        z = torch.where(finite, z, math.nan)
+        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        return ((-margin * z).to(acc), (margin + margin * z).to(acc),
+                mean_now.to(mean.dtype).reshape(mean.shape), std_now.to(std.dtype).reshape(std.shape))
+
+
 def adaface_loss(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
