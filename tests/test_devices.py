@@ -23,6 +23,8 @@ DIST = torch.cdist(X, X)
 
 # op: (its tensor arguments in schema order, its other arguments)
 OPS = {
+    "adaface_margins": (dict(embeddings=X, mean=torch.tensor([20.0]), std=torch.tensor([100.0])),
+                        dict(h=0.333, margin=0.4, t_alpha=0.1, training=True)),
     "margin_softmax_forward": (dict(embeddings=X, weight=W, labels=Y, **MARGIN_TENSORS), MARGIN),
     "margin_softmax_backward": (
         dict(grad_log_sum=torch.ones(N), grad_target=torch.ones(N), embeddings=X, weight=W, labels=Y,
