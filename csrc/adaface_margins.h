@@ -58,10 +58,10 @@ C10_HOST_DEVICE inline void adaface_row_margins(double norm, double mean, double
 // Device-neutral parts (adaface_margins.cpp): validation and allocation before the per-device
 // kernel, the buffers' dtypes after it.
 struct AdaFaceMargins {
-  at::Tensor embeddings;    // contiguous [N, D]
-  at::Tensor running;       // double [2]: the running mean and std as they are
+  at::Tensor embeddings;         // contiguous [N, D]
+  at::Tensor running;            // double [2]: the running mean and std as they are
   at::Tensor new_mean, new_std;  // double [1] each (the old values when not training)
-  at::Tensor row_m2, row_m3;  // [N] in the embeddings' accumulate type
+  at::Tensor row_m2, row_m3;     // [N] in the embeddings' accumulate type
 };
 
 AdaFaceMargins adaface_margins_setup(const at::Tensor& embeddings, const at::Tensor& mean,
