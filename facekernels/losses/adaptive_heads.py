@@ -169,11 +169,9 @@ class AdaFaceLoss(_AdaptiveHead):
         return 1.0, 0.0, self.margin, 0.0  # shown by repr; the op takes per-row margins
 
     def batch_options(self, embeddings, target_cosines, running, training):
-        if training and len(embeddings) < 2:
-            raise ValueError("AdaFaceLoss: a training batch needs at least 2 rows for the "
-                             f"norm's standard deviation, got {len(embeddings)}")
         m2, m3, mean, std = adaface_margins(embeddings, running["batch_mean"], running["batch_std"],
-                                            self.h, self.margin, self.t_alpha, training)
+                                            self.h, self.margin, self.t_alpha, training,
+                                            owner="AdaFaceLoss")
         return {"row_m2": m2, "row_m3": m3}, {"batch_mean": mean, "batch_std": std} if training else {}
 
 
