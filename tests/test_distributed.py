@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (see worker)
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -66,6 +67,11 @@ def close(a, b):
 
 
 def worker(rank, world, init, task, args):
+    # torch._dynamo is imported above, before any process group: imported while one is up
+    # (DDP's first forward does so), it keeps the group's gloo threads alive past
+    # destroy_process_group, and at exit one of them may free a finished collective's tensors
+    # as Python finalizes: SIGABRT, "terminate called without an active exception" (about 1
+    # run in 8 of train_v2 before this import).
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         task(rank, world, *args)
