@@ -6,6 +6,8 @@ that must leave every buffer as it was."""
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -535,3 +537,22 @@ def test_elasticface_margins_are_drawn_in_training_and_fixed_in_eval():
     fixed.load_state_dict(head.state_dict())
     torch.testing.assert_close(head(x, y), fixed(x, y))
     assert math.isclose(facekernels.ElasticFaceLoss(10, 8, kind="cos").margin, 0.35)
+
+
+def test_eager_steps_write_running_buffers_without_torch_dynamo():
+    """In eager mode the heads write their running buffers directly: the custom op that
+    orders the write in a compiled graph would import torch._dynamo on its first call
+    (about 1 s), which with a gloo process group up keeps the group alive past
+    destroy_process_group (see facekernels/ops/running.py)."""
+    script = (
+        "import sys, torch, facekernels\n"
+        "for head in (facekernels.AdaFaceLoss(11, 6), facekernels.CurricularFaceLoss(11, 6)):\n"
+        "    before = [b.clone() for b in head.buffers()]\n"
+        "    x = (20 * torch.randn(8, 6)).requires_grad_()\n"
+        "    head(x, torch.arange(8)).backward()\n"
+        "    assert any(not torch.equal(a, b) for a, b in zip(before, head.buffers()))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'an eager step imported torch._dynamo'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
