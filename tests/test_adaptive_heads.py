@@ -540,10 +540,8 @@ def test_elasticface_margins_are_drawn_in_training_and_fixed_in_eval():
 
 
 def test_eager_steps_write_running_buffers_without_torch_dynamo():
-    """In eager mode the heads write their running buffers directly: the custom op that
-    orders the write in a compiled graph would import torch._dynamo on its first call
-    (about 1 s), which with a gloo process group up keeps the group alive past
-    destroy_process_group (see facekernels/ops/running.py)."""
+    """In eager mode the heads write their running buffers directly, not through the
+    custom op that orders the write in a compiled graph (why: facekernels/ops/running.py)."""
     script = (
         "import sys, torch, facekernels\n"
         "for head in (facekernels.AdaFaceLoss(11, 6), facekernels.CurricularFaceLoss(11, 6)):\n"
