@@ -1,7 +1,7 @@
 """Plants known bugs in the CUDA kernels, one at a time, and runs the emulated kernels'
 tests on each: does the SIMT emulator catch them?
 
-    .venv/bin/python scripts/simt_mutants.py [--seed S] [--tests tests/test_simt.py]
+    .venv/bin/python scripts/simt_mutants.py [--seed S] [--tests tests/test_cuda_kernels.py]
 
 Each mutant is a copy of csrc/ with one edit to a .cu file, built against csrc/simt/ in
 its own folder (ninja recompiles the one file) and tested in a fresh process. The
@@ -75,7 +75,7 @@ def first_failure(output):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1, help="FACEKERNELS_SIMT_SEED for the tests")
-    parser.add_argument("--tests", default="tests/test_simt.py", help="what pytest runs on each mutant")
+    parser.add_argument("--tests", default="tests/test_cuda_kernels.py", help="what pytest runs on each mutant")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="simt_mutants_"))
     csrc = work / "csrc"
