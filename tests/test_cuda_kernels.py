@@ -1,5 +1,5 @@
 """The CUDA kernels against the CPU kernels on the same inputs, op by op, at the shapes that
-hit a kernel's edges: cuda on the CPU ("simt", tests/simt.py) wherever the emulator is
+hit a kernel's edges: emulated on the CPU ("simt", tests/simt.py) wherever the emulator is
 on, and on the GPU ("cuda") wherever there is one.
 
 The device-parametrized tests elsewhere hold each device to the reference twins; here both
