@@ -3,9 +3,9 @@ tests on each: does the SIMT emulator catch them?
 
     .venv/bin/python scripts/simt_mutants.py [--seed S] [--tests tests/test_cuda_kernels.py]
 
-Each mutant is a copy of csrc/ with one edit to a .cu file, built against csrc/simt/ in
-its own folder (ninja recompiles the one file) and tested in a fresh process. The
-working tree is never touched. Prints a table: caught (by which test) or survived."""
+Each mutant is a copy of csrc/ with one edit to a file of csrc/cuda/, built against
+csrc/simt/ in its own folder (ninja recompiles what the edit touches) and tested in a fresh
+process. The working tree is never touched. Prints a table: caught (by which test) or survived."""
 
 import argparse
 import os
@@ -44,8 +44,8 @@ MUTANTS = [
     ("triplet_cuda.cu", "deleted __syncthreads: FaceNet's choices read before thread 0 wrote them",
      "        g_row[p] = slope;\n      }\n    }\n    __syncthreads();",
      "        g_row[p] = slope;\n      }\n    }"),
-    ("triplet_cuda.cu", "block count rounded down: the tail pairs are never mined",
-     "(in.dist.numel() + kThreads - 1) / kThreads", "in.dist.numel() / kThreads"),
+    ("runtime.cuh", "block count rounded down: the tail of a one-thread-per-element grid never runs",
+     "(t.numel() + threads - 1) / threads", "t.numel() / threads"),
     ("triplet_cuda.cu", "batch-hard result read by a thread other than 0",
      "  if (threadIdx.x != 0) {\n    return;\n  }\n  const int64_t p = hardest.first.index",
      "  if (threadIdx.x != 1) {\n    return;\n  }\n  const int64_t p = hardest.first.index"),
