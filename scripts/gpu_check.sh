@@ -34,7 +34,7 @@ printf 'step\trc\tseconds\n' > "$out/steps.tsv"
 # then still writes its reports) at LIMIT_S or at the deadline, whichever comes first;
 # skipped (rc "skipped") when less than 20 s are left.
 step() {
-  local name=$1 limit=$2 left rc start
+  local name=$1 limit=$2 left rc start seconds
   shift 2
   left=$(( deadline - $(date +%s) ))
   if [ "$left" -lt 20 ]; then
@@ -47,8 +47,9 @@ step() {
   start=$(date +%s)
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$out/$name.log" 2>&1
   rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$out/steps.tsv"
-  echo "   rc=$rc in $(( $(date +%s) - start ))s"
+  seconds=$(( $(date +%s) - start ))
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$seconds" >> "$out/steps.tsv"
+  echo "   rc=$rc in ${seconds}s"
   tail -4 "$out/$name.log"
 }
 
