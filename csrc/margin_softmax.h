@@ -92,7 +92,7 @@ struct Margin {
 
   // d cosine / d z: zero where the clamp is active, at the bounds too.
   C10_HOST_DEVICE acc_t cosine_slope(acc_t z) const {
-    return (!clamp | ((z > -limit) & (z < limit))) ? acc_t(1) : acc_t(0);
+    return ((!clamp) | ((z > -limit) & (z < limit))) ? acc_t(1) : acc_t(0);
   }
 
   // Class j's cosine from the z of its K sub-centers, `stride` apart, and their weight rows'

@@ -196,7 +196,8 @@ FK_INLINE acc_t backward_row_impl(const Margin<acc_t> margin, const RowBackward<
   const int64_t split = has_target ? target : length;
   // One call site for the vector loops: GCC stops inlining Margin's functions into more.
   acc_t scale_grad = 0;
-  for (const auto [begin, end] : {std::pair{int64_t(0), split}, std::pair{split + has_target, length}}) {
+  for (const auto& [begin, end] :
+       {std::pair{int64_t(0), split}, std::pair{split + has_target, length}}) {
     scale_grad += negatives_of(margin, r, weight, u, e, g, begin, end);
   }
   if (!has_target) {
@@ -237,9 +238,14 @@ void forward_row(const Margin<acc_t>& margin, acc_t scale, Cosines<acc_t> u, acc
     forward_row<acc_t, false>(margin, scale, {u.values, nullptr}, logit, length, target, out);
   }
 }
+// A parameter whose type is not deduced from its argument (std::type_identity_t is C++20).
+template <typename T>
+struct NotDeduced {
+  using type = T;
+};
 template <typename acc_t>
 acc_t backward_row(const Margin<acc_t>& margin, const RowBackward<acc_t>& r, acc_t weight,
-                   Cosines<acc_t> u, std::type_identity_t<const acc_t*> e, acc_t* g,
+                   Cosines<acc_t> u, typename NotDeduced<const acc_t*>::type e, acc_t* g,
                    int64_t length, int64_t target, acc_t* grad_m2, acc_t* grad_m3) {
   if (u.inverse != nullptr) {
     return backward_row<acc_t, true>(margin, r, weight, {u.values, u.inverse}, e, {g, u.inverse},

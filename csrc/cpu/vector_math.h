@@ -2,7 +2,6 @@
 // the attribute that compiles such loops once per x86 vector width.
 #pragma once
 
-#include <bit>
 #include <cstdint>
 #include <limits>
 
@@ -18,6 +17,13 @@ namespace facekernels {
 #define FK_VECTOR_CLONES
 #endif
 #define FK_INLINE inline __attribute__((always_inline))
+
+// std::bit_cast, which is C++20: torch 2.11 and older build extensions as C++17.
+template <typename To, typename From>
+FK_INLINE To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From));
+  return __builtin_bit_cast(To, from);
+}
 
 template <typename T>
 struct ExpConstants;
@@ -61,8 +67,8 @@ FK_INLINE T vector_exp(T x) {
   for (int k = degree; k >= 1; --k) {
     p = T(1) + r * (T(1) / T(k)) * p;  // Horner on sum r^k / k!, with 1 / k folded
   }
-  const bits_t n_bits = std::bit_cast<bits_t>(shifted) - std::bit_cast<bits_t>(magic);
-  const T power = std::bit_cast<T>((n_bits + C::bias) << C::mantissa);
+  const bits_t n_bits = bit_cast<bits_t>(shifted) - bit_cast<bits_t>(magic);
+  const T power = bit_cast<T>((n_bits + C::bias) << C::mantissa);
   const T y = x < C::low ? T(0) : (x > C::high ? std::numeric_limits<T>::infinity() : p * power);
   return x != x ? x : y;
 }
