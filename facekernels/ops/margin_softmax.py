@@ -320,7 +320,10 @@ def margin_softmax_rows(embeddings, weight, labels, *, kind, scale, m1, m2, m3, 
     else:
         chunk_size = max(1, default_chunk_size(embeddings.shape[0], embeddings.device) // sub_centers)
     device_type = embeddings.device.type
-    if (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    # The op's kernels are CPU and CUDA ones (meta infers shapes, and has no autocast:
+    # is_autocast_enabled raises there). A plain comparison: torch.compile in torch 2.11
+    # cannot trace torch.amp.is_autocast_available.
+    if (device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
             and embeddings.dtype == torch.float32):
         # The GEMMs run in the autocast dtype; the weight's chunks are cast inside the op,
         # so an fp32 master weight is never copied whole, and its gradient stays fp32.
