@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .margin_softmax import _REDUCTIONS, _check_choice, _guarded_arccos
+from .margin_softmax import _REDUCTIONS, _check_choice, _clamp_cosines, _guarded_arccos
 
 _ELASTIC_KINDS = ("arc", "cos")
 
@@ -89,7 +89,7 @@ def curricularface_loss(
     head/metrics.py, class CurricularFace).
     """
     _check_choice("curricularface_loss", "reduction", reduction, _REDUCTIONS)
-    cos = _unit_cosines(embeddings, weight).clamp(-1.0, 1.0)
+    cos = _clamp_cosines(_unit_cosines(embeddings, weight))
     cos_t = _target_column(cos, labels)
     with torch.no_grad():
         new_t = 0.01 * cos_t.mean() + 0.99 * _as_tensor_like(t, cos)
@@ -186,7 +186,7 @@ def adaface_loss(
     (official: mk-minchul/AdaFace, head.py, class AdaFace).
     """
     _check_choice("adaface_loss", "reduction", reduction, _REDUCTIONS)
-    cos = _unit_cosines(embeddings, weight).clamp(-1.0 + eps, 1.0 - eps)
+    cos = _clamp_cosines(_unit_cosines(embeddings, weight), 1.0 - eps)
     norms = torch.linalg.vector_norm(embeddings, dim=1)
     safe_norms = norms.clamp(0.001, 100.0).detach()
     with torch.no_grad():
@@ -239,7 +239,7 @@ def magface_loss(
     MagLoss, run/trainer.py).
     """
     _check_choice("magface_loss", "reduction", reduction, _REDUCTIONS)
-    cos = _unit_cosines(embeddings, weight).clamp(-1.0, 1.0)
+    cos = _clamp_cosines(_unit_cosines(embeddings, weight))
     x_norm = torch.linalg.vector_norm(embeddings, dim=1).clamp(l_a, u_a)
     m = (u_m - l_m) / (u_a - l_a) * (x_norm - l_a) + l_m
     cos_t = _target_column(cos, labels)
@@ -292,7 +292,7 @@ def subcenter_arcface_loss(
     """
     _check_choice("subcenter_arcface_loss", "reduction", reduction, _REDUCTIONS)
     classes = _check_subcenters("subcenter_arcface_loss", weight, k)
-    cos_all = _unit_cosines(embeddings, weight).clamp(-1.0, 1.0)
+    cos_all = _clamp_cosines(_unit_cosines(embeddings, weight))
     cos = cos_all.view(cos_all.shape[0], classes, k).max(dim=2).values
     cos_t = _target_column(cos, labels)
     theta = _guarded_arccos(cos_t)
@@ -393,7 +393,7 @@ def elasticface_loss(
     """
     _check_choice("elasticface_loss", "reduction", reduction, _REDUCTIONS)
     _check_choice("elasticface_loss", "kind", kind, _ELASTIC_KINDS)
-    cos = _unit_cosines(embeddings, weight).clamp(-1.0, 1.0)
+    cos = _clamp_cosines(_unit_cosines(embeddings, weight))
     cos_t = _target_column(cos, labels)
     m = margins.reshape(-1)
     if plus:

@@ -46,11 +46,32 @@ def _guarded_arccos(c: torch.Tensor) -> torch.Tensor:
     return _GuardedArccos.apply(c)
 
 
+class _ClampCosines(torch.autograd.Function):
+    """cos clamped to [-limit, limit], its gradient zero at the bounds as beyond them, as the
+    kernels' is. Tensor.clamp's gradient at the bounds changed between torch releases (2.11
+    passes it there, 2.14 does not); this one saves and computes what clamp's does."""
+
+    @staticmethod
+    def forward(ctx, cos, limit):
+        ctx.save_for_backward(cos)
+        ctx.limit = limit
+        return cos.clamp(-limit, limit)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cos,) = ctx.saved_tensors
+        return torch.where((cos > -ctx.limit) & (cos < ctx.limit), grad, 0.0), None
+
+
+def _clamp_cosines(cos: torch.Tensor, limit: float = 1.0) -> torch.Tensor:
+    return _ClampCosines.apply(cos, limit)
+
+
 def _cosines(embeddings, weight, normalize_embeddings):
     """Returns (cos [N, C] clamped to [-1, 1], per-row scale factor [N, 1] before `scale`)."""
     w = F.normalize(weight, p=2.0, dim=1)
     x = F.normalize(embeddings, p=2.0, dim=1)
-    cos = (x @ w.t()).clamp(-1.0, 1.0)
+    cos = _clamp_cosines(x @ w.t())
     if normalize_embeddings:
         row_norm = torch.ones_like(cos[:, :1])
     else:
