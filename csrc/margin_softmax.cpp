@@ -277,9 +277,11 @@ Classes classes_of(const at::Tensor& weight, const std::optional<at::Tensor>& ro
   const at::Tensor c = r.contiguous();
   const int64_t num_classes = weight.size(0) / sub_centers;
   if (c.size(0) > 0) {
-    TORCH_CHECK_VALUE(c.size(0) == 1 || c.diff().gt(0).all().item<bool>(), kOp,
-                      ": rows must be strictly increasing");
-    TORCH_CHECK_VALUE(c[0].item<int64_t>() >= 0 && c[-1].item<int64_t>() < num_classes, kOp,
+    const at::Tensor increasing =
+        c.size(0) == 1 ? at::ones({}, c.options()) : c.diff().gt(0).all();
+    const std::vector<int64_t> values = host_values({increasing, c[0], c[-1]});
+    TORCH_CHECK_VALUE(values[0] != 0, kOp, ": rows must be strictly increasing");
+    TORCH_CHECK_VALUE(values[1] >= 0 && values[2] < num_classes, kOp,
                       ": rows must lie in [0, ", num_classes, ")");
   }
   const at::Tensor first = c * sub_centers;

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <vector>
 
 namespace facekernels {
 
@@ -24,6 +26,18 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
                               const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
                     " but embeddings are on ", ref.device());
+}
+
+// The values of one-element tensors, as int64, read with one copy to the host: on a GPU
+// one synchronization, where an item() call per value would make one each.
+inline std::vector<int64_t> host_values(std::initializer_list<at::Tensor> scalars) {
+  std::vector<at::Tensor> values;
+  for (const at::Tensor& t : scalars) {
+    values.push_back(t.reshape({1}).to(at::kLong));
+  }
+  const at::Tensor host = at::cat(values).cpu();
+  const int64_t* begin = host.const_data_ptr<int64_t>();
+  return {begin, begin + host.numel()};
 }
 
 // Labels: int64, shape [n], values in [0, num_classes). The range check reads the values,
@@ -48,8 +62,9 @@ inline void check_labels(const char* op, const at::Tensor& labels, int64_t n,
     max = *hi;
   } else {
     const auto [lo, hi] = at::aminmax(labels);
-    min = lo.item<int64_t>();
-    max = hi.item<int64_t>();
+    const std::vector<int64_t> values = host_values({lo, hi});
+    min = values[0];
+    max = values[1];
   }
   TORCH_CHECK_VALUE(min >= 0 && max < num_classes, op,
                     ": labels must be int64 with values in [0, ", num_classes, "), got ",
