@@ -26,9 +26,18 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
 export FACEKERNELS_SIMT=0  # the real kernels only: no emulation build here
+# The build is in place, not installed: subprocesses (torchrun, the trainer's CLI) import it
+# from here.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
 deadline=$(( $(date +%s) + ${BUDGET_S:-480} ))
 printf 'step\trc\tseconds\n' > "$out/steps.tsv"
+# Wheels carried in .whl/ (the image lacks pytorch-metric-learning; see README.md) go to a
+# folder of their own, as the image's site-packages may not be writable.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && PYTHONPATH+=":/tmp/site"
+fi
 
 # step NAME LIMIT_S CMD...: CMD with its output in $OUT/NAME.log, stopped by SIGINT (pytest
 # then still writes its reports) at LIMIT_S or at the deadline, whichever comes first;
@@ -53,7 +62,7 @@ step() {
   tail -4 "$out/$name.log"
 }
 
-pytest=("$python" -m pytest -q -p no:cacheprovider)
+pytest=("$python" -m pytest -q -p no:cacheprovider --continue-on-collection-errors)
 bench=("${pytest[@]}" --benchmark-only)
 # One fp32 call of each kernel, at edge shapes, for compute-sanitizer.
 once="float32 and (tail_chunk or sub_centers or rows or curricularface or adaface"
