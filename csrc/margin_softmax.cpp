@@ -277,9 +277,8 @@ Classes classes_of(const at::Tensor& weight, const std::optional<at::Tensor>& ro
   const at::Tensor c = r.contiguous();
   const int64_t num_classes = weight.size(0) / sub_centers;
   if (c.size(0) > 0) {
-    const at::Tensor increasing =
-        c.size(0) == 1 ? at::ones({}, c.options()) : c.diff().gt(0).all();
-    const std::vector<int64_t> values = host_values({increasing, c[0], c[-1]});
+    // One row has no differences: all() of none is true.
+    const std::vector<int64_t> values = host_values({c.diff().gt(0).all(), c[0], c[-1]});
     TORCH_CHECK_VALUE(values[0] != 0, kOp, ": rows must be strictly increasing");
     TORCH_CHECK_VALUE(values[1] >= 0 && values[2] < num_classes, kOp,
                       ": rows must lie in [0, ", num_classes, ")");
