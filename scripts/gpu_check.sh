@@ -41,7 +41,7 @@ fi
 
 # step NAME LIMIT_S CMD...: CMD with its output in $OUT/NAME.log, stopped by SIGINT (pytest
 # then still writes its reports) at LIMIT_S or at the deadline, whichever comes first;
-# skipped (rc "skipped") when less than 20 s are left.
+# skipped (rc "skipped", status 1) when less than 20 s are left. Returns CMD's exit status.
 step() {
   local name=$1 limit=$2 left rc start seconds
   shift 2
@@ -49,7 +49,7 @@ step() {
   if [ "$left" -lt 20 ]; then
     printf '%s\tskipped\t0\n' "$name" >> "$out/steps.tsv"
     echo "== $name: skipped, ${left}s left of the budget"
-    return
+    return 1
   fi
   [ "$left" -lt "$limit" ] && limit=$left
   echo "== $name (at most ${limit}s; log: $out/$name.log)"
@@ -60,6 +60,7 @@ step() {
   printf '%s\t%s\t%s\n' "$name" "$rc" "$seconds" >> "$out/steps.tsv"
   echo "   rc=$rc in ${seconds}s"
   tail -4 "$out/$name.log"
+  return "$rc"
 }
 
 pytest=("$python" -m pytest -q -p no:cacheprovider --continue-on-collection-errors)
@@ -72,8 +73,7 @@ sanitizer=(compute-sanitizer --error-exitcode 99 --tool)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
-step build 300 "$python" setup.py build_ext --inplace
-if ! awk -F'\t' '$1 == "build" && $2 == "0" {ok = 1} END {exit !ok}' "$out/steps.tsv"; then
+if ! step build 300 "$python" setup.py build_ext --inplace; then
   [ -f "$out/build.log" ] && tail -40 "$out/build.log"
   exit 1
 fi
